@@ -1,0 +1,130 @@
+"""Content-addressed blob store: files named by their sha256, written atomically, verified on read."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from services.common.errors import DataLoss, NotFound
+
+READ_CHUNK_BYTES = 1024 * 1024
+
+
+class BlobWriter:
+    """Streams one blob into a temporary file; `commit()` moves it into place by its hash."""
+
+    def __init__(self, store: BlobStore) -> None:
+        self._store = store
+        handle, name = tempfile.mkstemp(dir=store.temporary, prefix="upload-")
+        self._file = os.fdopen(handle, "wb")
+        self._path = Path(name)
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    def commit(self) -> str:
+        """Make the blob durable under its sha256 and return the hex digest."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        digest = self._hash.hexdigest()
+        target = self._store.path_of(digest)
+        self._store.pin(digest)
+        if target.exists():
+            self._path.unlink()
+            os.utime(target)  # a fresh mtime keeps the sweep's grace period from taking it
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._path, target)
+        return digest
+
+    def discard(self) -> None:
+        """Throw the partial blob away (failed or cancelled upload)."""
+        if not self._file.closed:
+            self._file.close()
+        self._path.unlink(missing_ok=True)
+
+
+class BlobStore:
+    """Blobs under `root/sha256/<aa>/<bb>/<digest>`; partial uploads live in `root/tmp`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.temporary = root / "tmp"
+        self.temporary.mkdir(parents=True, exist_ok=True)
+        self._pins: Counter[str] = Counter()
+        self._pins_lock = threading.Lock()
+
+    def path_of(self, digest: str) -> Path:
+        return self.root / "sha256" / digest[:2] / digest[2:4] / digest
+
+    def writer(self) -> BlobWriter:
+        return BlobWriter(self)
+
+    def exists(self, digest: str) -> bool:
+        return self.path_of(digest).exists()
+
+    def read(self, digest: str, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[bytes]:
+        """Yield the blob's content; raises DataLoss at the end if the content was altered."""
+        path = self.path_of(digest)
+        if not path.exists():
+            raise DataLoss(f"blob {digest} is missing from the store", reason="BLOB_MISSING")
+        check = hashlib.sha256()
+        with path.open("rb") as source:
+            while chunk := source.read(chunk_bytes):
+                check.update(chunk)
+                yield chunk
+        if check.hexdigest() != digest:
+            raise DataLoss(f"blob {digest} is corrupt: its content no longer matches its hash")
+
+    def pin(self, digest: str) -> None:
+        """Protect a blob that an upload in progress will reference from `delete`."""
+        with self._pins_lock:
+            self._pins[digest] += 1
+
+    def unpin(self, digests: Iterable[str]) -> None:
+        with self._pins_lock:
+            for digest in digests:
+                self._pins[digest] -= 1
+                if self._pins[digest] <= 0:
+                    del self._pins[digest]
+
+    def delete(self, digests: Iterable[str]) -> None:
+        """Delete blobs, except those pinned by an upload in progress in this process."""
+        with self._pins_lock:
+            for digest in digests:
+                if digest not in self._pins:
+                    self.path_of(digest).unlink(missing_ok=True)
+
+    def sweep(self, referenced: set[str], older_than_seconds: float = 3600) -> int:
+        """Remove abandoned partial uploads and unreferenced blobs older than the grace period.
+
+        The grace period protects blobs written by an upload that has not committed its row yet.
+        """
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for path in self.temporary.iterdir():
+            if path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed += 1
+        for path in (self.root / "sha256").glob("*/*/*"):
+            if path.name not in referenced and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def get_size(self, digest: str) -> int:
+        path = self.path_of(digest)
+        if not path.exists():
+            raise NotFound(f"blob {digest} not found")
+        return path.stat().st_size

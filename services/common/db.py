@@ -1,0 +1,93 @@
+"""One database per service: SQLite (WAL) by default, PostgreSQL by URL, the same code for both."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Table, event
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session, SQLModel, create_engine
+
+from services.common.errors import Unavailable
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class Database:
+    """Engine and sessions of one service's database.
+
+    `transaction()` is for writes: on SQLite it takes the write lock up front (BEGIN IMMEDIATE)
+    so that read-then-write sequences such as "next version number" cannot interleave; on
+    PostgreSQL callers lock the rows they read with `SELECT ... FOR UPDATE`.
+    """
+
+    def __init__(self, url: str, tables: Sequence[type[SQLModel]], *, pool_size: int = 8) -> None:
+        parsed = make_url(url)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size
+            )
+            _configure_sqlite(self.engine)
+        else:
+            self.engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        self._write_engine = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+        self.tables: list[Table] = [model.__table__ for model in tables]  # type: ignore[attr-defined]
+
+    def create_tables(self) -> None:
+        """Create this service's tables (and append-only triggers) when missing."""
+        SQLModel.metadata.create_all(self.engine, tables=self.tables)
+
+    def session(self) -> Session:
+        """A session for reading; use `transaction()` to change anything."""
+        return Session(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session whose work commits at the end of the block, or rolls back on error."""
+        session = Session(self._write_engine, expire_on_commit=False)
+        try:
+            yield session
+            session.commit()
+        except OperationalError as error:
+            session.rollback()
+            raise Unavailable(f"the database did not answer: {error.orig}") from error
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def insert_ignoring_conflicts(self, session: Session, model: type[SQLModel], **values: Any) -> None:
+        """INSERT a row unless one with the same key exists (no error, no lost race)."""
+        table = model.__table__  # type: ignore[attr-defined]
+        insert = sqlite_insert if self.is_sqlite else postgresql_insert
+        session.execute(insert(table).values(**values).on_conflict_do_nothing())
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event below issue BEGIN, so writers can ask for IMMEDIATE.
+        connection.isolation_level = None
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection: Any) -> None:
+        connection.exec_driver_sql(connection.get_execution_options().get("sqlite_begin", "BEGIN"))

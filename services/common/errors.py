@@ -1,0 +1,82 @@
+"""The one error hierarchy of mlmesh.
+
+Domain code raises these; the gRPC error interceptor (services.common.server) maps each to its
+status code with `google.rpc.Status` details. Codes are named as strings so that domain code
+never imports grpc.
+"""
+
+from __future__ import annotations
+
+
+class MlmeshError(Exception):
+    """Base of every error a caller should see; `code` names the gRPC status."""
+
+    code = "INTERNAL"
+    reason = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        field: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason:
+            self.reason = reason
+        self.field = field
+        self.metadata = metadata or {}
+
+
+class InvalidArgument(MlmeshError):
+    """The request itself is wrong; `field` names the offending field."""
+
+    code = "INVALID_ARGUMENT"
+    reason = "INVALID_ARGUMENT"
+
+
+class NotFound(MlmeshError):
+    code = "NOT_FOUND"
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(MlmeshError):
+    code = "ALREADY_EXISTS"
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(MlmeshError):
+    """The resource's state forbids the call (e.g. deleting a version in use)."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "FAILED_PRECONDITION"
+
+
+class Aborted(MlmeshError):
+    """A concurrent change won the race; retrying may succeed."""
+
+    code = "ABORTED"
+    reason = "ABORTED"
+
+
+class ResourceExhausted(MlmeshError):
+    """A size or count limit was exceeded."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "RESOURCE_EXHAUSTED"
+
+
+class DataLoss(MlmeshError):
+    """Stored content no longer matches its checksum."""
+
+    code = "DATA_LOSS"
+    reason = "DATA_LOSS"
+
+
+class Unavailable(MlmeshError):
+    """A dependency (database, NATS, another service) cannot be reached right now."""
+
+    code = "UNAVAILABLE"
+    reason = "UNAVAILABLE"

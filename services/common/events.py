@@ -1,0 +1,199 @@
+"""Lifecycle events: subjects, the CloudEvents 1.0 envelope, and one typed payload per kind.
+
+An event's kind (e.g. `model.registered`) gives its NATS subject `mlmesh.events.<kind>` and its
+CloudEvents type `io.mlmesh.<kind>.v1`. Services never publish these directly: they add them
+to their outbox (services.common.outbox) in the same transaction as the change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+STREAM = "MLMESH_EVENTS"
+SUBJECT_PREFIX = "mlmesh.events."
+SUBJECTS = f"{SUBJECT_PREFIX}>"
+TYPE_PREFIX = "io.mlmesh."
+TYPE_SUFFIX = ".v1"
+CONTENT_TYPE = "application/cloudevents+json"
+DUPLICATE_WINDOW_SECONDS = 120
+MAX_EVENT_BYTES = 64 * 1024
+
+KINDS = (
+    "run.completed",
+    "dataset.registered",
+    "model.registered",
+    "model.updated",
+    "model.alias.set",
+    "model.alias.removed",
+    "model.archived",
+    "model.deleted",
+    "environment.registered",
+    "model.converted",
+    "image.built",
+    "image.failed",
+    "profile.completed",
+    "profile.failed",
+    "deployment.created",
+    "deployment.ready",
+    "deployment.updated",
+    "deployment.unhealthy",
+    "deployment.failed",
+    "deployment.deleted",
+    "batch.completed",
+    "batch.failed",
+    "drift.checked",
+    "drift.detected",
+    "retrain.started",
+    "retrain.completed",
+    "model.promoted",
+    "model.rolled_back",
+    "webhook.disabled",
+)
+
+
+def subject_of(kind: str) -> str:
+    return f"{SUBJECT_PREFIX}{kind}"
+
+
+def type_of(kind: str) -> str:
+    return f"{TYPE_PREFIX}{kind}{TYPE_SUFFIX}"
+
+
+def kind_of_type(event_type: str) -> str:
+    """`io.mlmesh.model.registered.v1` -> `model.registered`."""
+    return event_type.removeprefix(TYPE_PREFIX).removesuffix(TYPE_SUFFIX)
+
+
+def uuid7() -> str:
+    """A time-ordered UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then randomness."""
+    milliseconds = time.time_ns() // 1_000_000
+    value = (milliseconds & ((1 << 48) - 1)) << 80
+    value |= int.from_bytes(os.urandom(10), "big") & ((1 << 80) - 1)
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return str(uuid.UUID(int=value))
+
+
+class EventPayload(BaseModel):
+    """Base of every payload; subclasses set `kind`."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: ClassVar[str]
+
+
+class FileRecord(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class ModelRegistered(EventPayload):
+    kind: ClassVar[str] = "model.registered"
+    name: str
+    version: int
+    framework: str
+    tags: dict[str, str] = Field(default_factory=dict)
+    files: list[FileRecord] = Field(default_factory=list)
+    run_id: str = ""
+    created_by: str = ""
+
+
+class ModelUpdated(EventPayload):
+    kind: ClassVar[str] = "model.updated"
+    name: str
+    version: int
+    tags: dict[str, str]
+    description: str
+    changed: list[str]
+
+
+class ModelAliasSet(EventPayload):
+    kind: ClassVar[str] = "model.alias.set"
+    name: str
+    alias: str
+    version: int
+    previous_version: int | None = None
+    reason: str = ""
+
+
+class ModelAliasRemoved(EventPayload):
+    kind: ClassVar[str] = "model.alias.removed"
+    name: str
+    alias: str
+    previous_version: int
+    reason: str = ""
+
+
+class ModelArchived(EventPayload):
+    kind: ClassVar[str] = "model.archived"
+    name: str
+    version: int
+    reason: str = ""
+
+
+class ModelDeleted(EventPayload):
+    kind: ClassVar[str] = "model.deleted"
+    name: str
+    version: int
+    reason: str = ""
+
+
+class DatasetRegistered(EventPayload):
+    kind: ClassVar[str] = "dataset.registered"
+    name: str
+    version: int
+    format: str
+    row_count: int
+    fingerprint: str
+
+
+class RunCompleted(EventPayload):
+    kind: ClassVar[str] = "run.completed"
+    run_id: str
+    experiment: str
+    status: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class CloudEvent(BaseModel):
+    """A CloudEvents 1.0 envelope in structured JSON mode."""
+
+    model_config = ConfigDict(extra="allow")
+    specversion: str = "1.0"
+    id: str
+    source: str
+    type: str
+    subject: str | None = None
+    time: str
+    datacontenttype: str = "application/json"
+    data: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return kind_of_type(self.type)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.model_dump(exclude_none=True), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> CloudEvent:
+        return cls.model_validate_json(payload)
+
+
+def make_event(service: str, payload: EventPayload, subject: str) -> CloudEvent:
+    """Wrap a payload in its envelope with a fresh UUIDv7 id and the current time."""
+    return CloudEvent(
+        id=uuid7(),
+        source=f"/mlmesh/{service}",
+        type=type_of(payload.kind),
+        subject=subject,
+        time=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        data=payload.model_dump(mode="json"),
+    )

@@ -1,0 +1,285 @@
+"""The gRPC server every service runs: health, reflection, telemetry, errors, size limits.
+
+`ErrorInterceptor` is the one place where mlmesh errors become gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+from opentelemetry import trace
+from pydantic import ValidationError
+
+from services.common import telemetry
+from services.common.db import Database
+from services.common.errors import InvalidArgument, MlmeshError
+from services.common.outbox import Outbox, Relay
+from services.common.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "mlmesh.dev"
+ACTOR_METADATA = "x-mlmesh-actor"
+
+
+def actor_of(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling: the `x-mlmesh-actor` metadata, else "anonymous"."""
+    for key, value in context.invocation_metadata() or ():
+        if key == ACTOR_METADATA and isinstance(value, str):
+            return value[:200] or "anonymous"
+    return "anonymous"
+
+
+def _status_of(error: MlmeshError) -> status_pb2.Status:
+    code = grpc.StatusCode[error.code]
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    details = [any_pb2.Any()]
+    details[0].Pack(info)
+    if error.field:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad_request)
+        details.append(packed)
+    return status_pb2.Status(code=code.value[0], message=error.message, details=details)
+
+
+def _translate(error: Exception) -> MlmeshError:
+    if isinstance(error, MlmeshError):
+        return error
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first.get("loc", ()))
+        return InvalidArgument(f"{field}: {first.get('msg')}", field=field or None)
+    incident = uuid.uuid4().hex[:12]
+    log.exception("unexpected error (incident %s)", incident)
+    return MlmeshError(f"internal error (incident {incident}); the service log has the details")
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    status = rpc_status.to_status(_status_of(_translate(error)))
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, wrap_unary: Callable, wrap_stream: Callable) -> grpc.RpcMethodHandler:
+    """Rebuild `handler` with its behaviour wrapped: unary-response and streaming-response alike."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kwargs)
+    return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kwargs)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps MlmeshError (and stray exceptions) to gRPC statuses with google.rpc.Status details."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+
+        def wrap_unary(behaviour: Callable) -> Callable:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await behaviour(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:
+                    await _abort(context, error)
+
+            return call
+
+        def wrap_stream(behaviour: Callable) -> Callable:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    async for response in behaviour(request, context):
+                        yield response
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:
+                    await _abort(context, error)
+
+            return call
+
+        return _wrap(handler, wrap_unary, wrap_stream)
+
+
+class TracingInterceptor(grpc.aio.ServerInterceptor):
+    """Continues the caller's trace (W3C traceparent in metadata) with a server span per call."""
+
+    def __init__(self, service: str) -> None:
+        self._tracer = telemetry.tracer(f"mlmesh.{service}")
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        metadata = {
+            key: value for key, value in handler_call_details.invocation_metadata or () if isinstance(value, str)
+        }
+        parent = telemetry.extract_context(metadata)
+        tracer = self._tracer
+
+        def span() -> Any:
+            return tracer.start_as_current_span(
+                method.lstrip("/"),
+                context=parent,
+                kind=trace.SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.method": method},
+            )
+
+        def wrap_unary(behaviour: Callable) -> Callable:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with span():
+                    return await behaviour(request, context)
+
+            return call
+
+        def wrap_stream(behaviour: Callable) -> Callable:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                with span():
+                    async for response in behaviour(request, context):
+                        yield response
+
+            return call
+
+        return _wrap(handler, wrap_unary, wrap_stream)
+
+
+def build_server(
+    service: str,
+    registrations: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
+    *,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """An unstarted grpc.aio server with the given servicers, health and reflection.
+
+    `registrations` holds (add_XServicer_to_server, servicer, full service name) triples.
+    Returns the server, the bound port and the health servicer (set SERVING once ready).
+    """
+    telemetry.setup(service)
+    server = grpc.aio.server(
+        interceptors=[TracingInterceptor(service), ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    for add, servicer, name in registrations:
+        add(servicer, server)
+        names.append(name)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}: the port is taken or the address is wrong")
+    return server, bound, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, names: Sequence[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *names]:
+        await health_servicer.set(name, status)
+
+
+async def serve_until_stopped(
+    server: grpc.aio.Server,
+    health_servicer: health.aio.HealthServicer,
+    service_names: Sequence[str],
+    background: Sequence[Callable[[], Awaitable[None]]] = (),
+    grace_seconds: float = 5.0,
+) -> None:
+    """Start the server and background tasks; on SIGTERM/SIGINT drain and stop them cleanly."""
+    await server.start()
+    await set_serving(health_servicer, service_names, True)
+    tasks = [asyncio.create_task(job()) for job in background]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(number, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    done_tasks = asyncio.create_task(server.wait_for_termination())
+    await asyncio.wait([waiter, done_tasks, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception():
+            log.error("background task failed", exc_info=task.exception())
+    await set_serving(health_servicer, service_names, False)
+    await server.stop(grace_seconds)
+    for task in [*tasks, waiter, done_tasks]:
+        task.cancel()
+    await asyncio.gather(*tasks, waiter, done_tasks, return_exceptions=True)
+
+
+@dataclass
+class ServiceRuntime:
+    """A built service: its unstarted gRPC server and what runs beside it."""
+
+    name: str
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: list[str]
+    database: Database
+    outbox: Outbox
+    settings: ServiceSettings
+    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    relay: Relay | None = None
+
+    def __post_init__(self) -> None:
+        if self.settings.nats_url:
+            self.relay = Relay(
+                self.database,
+                self.outbox,
+                self.settings.nats_url,
+                batch_size=self.settings.outbox_batch_size,
+                poll_seconds=self.settings.outbox_poll_seconds,
+                retention_seconds=self.settings.outbox_retention_seconds,
+            )
+            self.background.append(self.relay.run)
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, with the outbox relay and other background work."""
+        log.info("%s serving on %s", self.name, self.address)
+        try:
+            await serve_until_stopped(self.server, self.health, self.service_names, self.background)
+        finally:
+            self.database.dispose()

@@ -1,0 +1,36 @@
+"""OpenTelemetry for every service: one TracerProvider, W3C traceparent through gRPC and NATS."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+
+_configured = False
+
+
+def setup(service_name: str) -> None:
+    """Install the process's TracerProvider once (one process runs one service)."""
+    global _configured
+    if _configured:
+        return
+    trace.set_tracer_provider(TracerProvider(resource=Resource.create({"service.name": service_name})))
+    _configured = True
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def inject_headers() -> dict[str, str]:
+    """The current trace context as `traceparent`/`tracestate` headers (empty when none)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+def extract_context(carrier: Mapping[str, str]) -> context.Context:
+    """The trace context carried by headers or gRPC metadata."""
+    return propagate.extract(dict(carrier))

@@ -1,0 +1,1209 @@
+"""The registry's behaviour: model versions, aliases, usages, datasets, runs and the audit log.
+
+Plain Python over a Database, a BlobStore and an Outbox: no gRPC, no NATS. Every mutation
+writes its audit entry and its event in the same transaction as the change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, delete, select
+
+from services.common import events, paging
+from services.common.blobs import BlobStore, BlobWriter
+from services.common.db import Database
+from services.common.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from services.common.outbox import Outbox
+from services.registry import formats
+from services.registry.models import (
+    AliasChange,
+    AuditEntryRow,
+    DatasetName,
+    DatasetRow,
+    ModelAlias,
+    ModelFile,
+    ModelTag,
+    ModelUsage,
+    ModelVersionRow,
+    RegisteredModel,
+    RunRow,
+)
+
+SERVICE = "registry"
+FRAMEWORKS = ("onnx", "sklearn", "xgboost", "lightgbm", "pytorch", "other")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+TAG_KEY_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}")
+MAX_TAG_VALUE = 1024
+MAX_TAGS = 256
+MAX_TEXT = 10_000
+MAX_PATH = 1024
+MAX_TENSORS = 1024
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+READY, ARCHIVED = "READY", "ARCHIVED"
+
+
+# ---------------------------------------------------------------- input validation
+
+
+def check_name(value: str, what: str = "name") -> str:
+    if not NAME_PATTERN.fullmatch(value or ""):
+        raise InvalidArgument(
+            f"{what} {value[:140]!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+            field=what,
+        )
+    return value
+
+
+def check_text(value: str, what: str, limit: int = MAX_TEXT) -> str:
+    if len(value) > limit:
+        raise InvalidArgument(f"{what} is {len(value)} characters; at most {limit} are allowed", field=what)
+    if "\x00" in value:
+        raise InvalidArgument(f"{what} must not contain NUL characters", field=what)
+    return value
+
+
+def check_tags(tags: dict[str, str], what: str = "tags") -> dict[str, str]:
+    if len(tags) > MAX_TAGS:
+        raise InvalidArgument(f"{len(tags)} tags given; at most {MAX_TAGS} are allowed", field=what)
+    for key, value in tags.items():
+        if not TAG_KEY_PATTERN.fullmatch(key):
+            raise InvalidArgument(
+                f"tag key {key[:140]!r} is not valid: use 1-128 letters, digits, '_', '.', ':', '/' or '-'",
+                field=what,
+            )
+        check_text(value, f"{what}.{key}", MAX_TAG_VALUE)
+    return tags
+
+
+def check_file_path(path: str) -> str:
+    """A relative POSIX path inside the version: no '..', no absolute paths, no odd characters."""
+    if not path or len(path) > MAX_PATH:
+        raise InvalidArgument(f"file path must have 1-{MAX_PATH} characters", field="files.path")
+    if "\x00" in path or "\\" in path or any(ord(char) < 32 for char in path):
+        raise InvalidArgument(f"file path {path[:200]!r} has forbidden characters", field="files.path")
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or re.match(r"^[A-Za-z]:", path):
+        raise InvalidArgument(f"file path {path[:200]!r} must be relative", field="files.path")
+    if any(part in ("..", ".", "") for part in path.split("/")):
+        raise InvalidArgument(f"file path {path[:200]!r} must not contain '..', '.' or empty parts", field="files.path")
+    return path
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=256)
+    datatype: str
+    shape: list[int] = Field(default_factory=list, max_length=32)
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in formats.OIP_DATATYPES:
+            raise ValueError(f"datatype {value[:40]!r} is not an Open Inference Protocol datatype")
+        return value
+
+    @field_validator("shape")
+    @classmethod
+    def _dimensions(cls, value: list[int]) -> list[int]:
+        if any(dim < -1 for dim in value):
+            raise ValueError("dimensions are sizes >= 0, or -1 for a variable size")
+        return value
+
+
+class Signature(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[TensorSpec] = Field(default_factory=list, max_length=MAX_TENSORS)
+    outputs: list[TensorSpec] = Field(default_factory=list, max_length=MAX_TENSORS)
+
+    def is_empty(self) -> bool:
+        return not self.inputs and not self.outputs
+
+
+class Lineage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    run_id: str = Field(default="", max_length=200)
+    experiment: str = Field(default="", max_length=256)
+    git_repo: str = Field(default="", max_length=1024)
+    git_branch: str = Field(default="", max_length=256)
+    git_commit: str = Field(default="", max_length=64)
+    datasets: list[str] = Field(default_factory=list, max_length=100)
+    environment: str = Field(default="", max_length=300)
+    parent_version: int = Field(default=0, ge=0)
+
+
+class VersionMetadata(BaseModel):
+    """What a caller says about a new model version."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    framework: str = ""
+    description: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+    signature: Signature = Field(default_factory=Signature)
+    lineage: Lineage = Field(default_factory=Lineage)
+    format: Literal["files", "mlflow"] = "files"
+
+    def validated(self) -> VersionMetadata:
+        check_name(self.name)
+        if self.framework and self.framework not in FRAMEWORKS:
+            raise InvalidArgument(
+                f"framework {self.framework[:40]!r} is not one of {', '.join(FRAMEWORKS)}",
+                field="framework",
+            )
+        check_text(self.description, "description")
+        check_tags(self.tags)
+        for text_field in ("run_id", "experiment", "git_repo", "git_branch", "git_commit", "environment"):
+            check_text(getattr(self.lineage, text_field), f"lineage.{text_field}", 1024)
+        return self
+
+
+@dataclass
+class Reference:
+    """A parsed model reference: `name:version`, `name@alias` or `name` (latest)."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str) -> Reference:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return cls(check_name(name), alias=check_name(alias, "alias"))
+        if ":" in ref:
+            name, number = ref.split(":", 1)
+            if not number.isdigit() or int(number) < 1 or len(number) > 18:
+                raise InvalidArgument(
+                    f"version {number[:40]!r} in {ref[:160]!r} must be a positive whole number",
+                    field="ref",
+                )
+            return cls(check_name(name), version=int(number))
+        return cls(check_name(ref, "ref"))
+
+    def __str__(self) -> str:
+        if self.alias:
+            return f"{self.name}@{self.alias}"
+        return f"{self.name}:{self.version}" if self.version else self.name
+
+
+# ---------------------------------------------------------------- views returned to callers
+
+
+@dataclass
+class FileView:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class VersionView:
+    name: str
+    version: int
+    framework: str
+    description: str
+    tags: dict[str, str]
+    signature: Signature
+    lineage: Lineage
+    files: list[FileView]
+    aliases: list[str]
+    status: str
+    created_by: str
+    created_at: float
+    updated_at: float
+    used_by: list[str] = field(default_factory=list)
+
+    @property
+    def resource(self) -> str:
+        return f"models/{self.name}/versions/{self.version}"
+
+
+@dataclass
+class ModelSummaryView:
+    name: str
+    latest_version: int
+    version_count: int
+    aliases: dict[str, int]
+    created_at: float
+    updated_at: float
+
+
+@dataclass
+class AliasChangeView:
+    name: str
+    alias: str
+    version: int
+    at: float
+    actor: str
+    reason: str
+
+
+@dataclass
+class SearchQuery:
+    name_prefix: str = ""
+    tags: list[str] = field(default_factory=list)
+    framework: str = ""
+    alias: str = ""
+    created_after: float | None = None
+    created_before: float | None = None
+    order_by: str = ""
+    include_archived: bool = False
+    page_size: int = 0
+    page_token: str = ""
+
+
+ORDERINGS = {
+    "": (ModelVersionRow.created_at, True),
+    "created_at": (ModelVersionRow.created_at, False),
+    "-created_at": (ModelVersionRow.created_at, True),
+    "name": (ModelVersionRow.name, False),
+    "-name": (ModelVersionRow.name, True),
+    "version": (ModelVersionRow.version, False),
+    "-version": (ModelVersionRow.version, True),
+}
+
+
+def resource_of(name: str, version: int) -> str:
+    return f"models/{name}/versions/{version}"
+
+
+# ---------------------------------------------------------------- the registry
+
+
+class Registry:
+    """Everything the registry does, over its own database, blob store and outbox."""
+
+    def __init__(
+        self,
+        database: Database,
+        blobs: BlobStore,
+        outbox: Outbox,
+        *,
+        max_version_bytes: int = 2 * 1024**3,
+        max_files_per_version: int = 10_000,
+        max_dataset_bytes: int = 2 * 1024**3,
+        blob_grace_seconds: float = 3600,
+    ) -> None:
+        self.blob_grace_seconds = blob_grace_seconds
+        self.database = database
+        self.blobs = blobs
+        self.outbox = outbox
+        self.max_version_bytes = max_version_bytes
+        self.max_files_per_version = max_files_per_version
+        self.max_dataset_bytes = max_dataset_bytes
+
+    # ------------------------------------------------------------ shared steps
+
+    def _audit(
+        self, session: Session, actor: str, action: str, resource: str, reason: str = "", **details: Any
+    ) -> None:
+        session.add(
+            AuditEntryRow(
+                at=time.time(),
+                actor=actor,
+                action=action,
+                resource=resource,
+                reason=reason,
+                details=json.dumps(details, default=str),
+            )
+        )
+
+    def _emit(self, session: Session, payload: events.EventPayload, subject: str) -> None:
+        self.outbox.add(session, events.make_event(SERVICE, payload, subject))
+
+    def _next_version(self, session: Session, table: type[RegisteredModel] | type[DatasetName], name: str) -> int:
+        """Allocate the next version of `name`; the row lock serialises concurrent callers."""
+        now = time.time()
+        self.database.insert_ignoring_conflicts(
+            session, table, name=name, latest_version=0, created_at=now, updated_at=now
+        )
+        counter = session.exec(select(table).where(table.name == name).with_for_update()).one()
+        counter.latest_version += 1
+        counter.updated_at = now
+        session.add(counter)
+        return counter.latest_version
+
+    def _version_row(
+        self, session: Session, ref: Reference, *, at: float | None = None, lock: bool = False
+    ) -> ModelVersionRow:
+        version = ref.version
+        if ref.alias:
+            version = self._alias_target(session, ref.name, ref.alias, at)
+        query = select(ModelVersionRow).where(ModelVersionRow.name == ref.name)
+        if version is None:
+            query = query.where(ModelVersionRow.status == READY).order_by(col(ModelVersionRow.version).desc()).limit(1)
+        else:
+            query = query.where(ModelVersionRow.version == version)
+        if lock:
+            query = query.with_for_update()
+        row = session.exec(query).first()
+        if row is None:
+            if session.get(RegisteredModel, ref.name) is None:
+                raise NotFound(f"model {ref.name!r} does not exist", reason="MODEL_NOT_FOUND")
+            if version is None:
+                raise NotFound(f"model {ref.name!r} has no version that is not archived")
+            raise NotFound(f"model {ref.name!r} has no version {version}", reason="VERSION_NOT_FOUND")
+        return row
+
+    def _alias_target(self, session: Session, name: str, alias: str, at: float | None) -> int:
+        if at is None:
+            current = session.get(ModelAlias, (name, alias))
+            if current is None:
+                self._require_model(session, name)
+                raise NotFound(f"model {name!r} has no alias {alias!r}", reason="ALIAS_NOT_FOUND")
+            return current.version
+        change = session.exec(
+            select(AliasChange)
+            .where(AliasChange.name == name, AliasChange.alias == alias, AliasChange.at <= at)
+            .order_by(col(AliasChange.at).desc(), col(AliasChange.id).desc())
+            .limit(1)
+        ).first()
+        if change is None or change.version == 0:
+            raise NotFound(
+                f"alias {alias!r} of model {name!r} pointed at no version at that time",
+                reason="ALIAS_NOT_FOUND",
+            )
+        return change.version
+
+    def _require_model(self, session: Session, name: str) -> RegisteredModel:
+        model = session.get(RegisteredModel, name)
+        if model is None:
+            raise NotFound(f"model {name!r} does not exist", reason="MODEL_NOT_FOUND")
+        return model
+
+    def _views(self, session: Session, rows: list[ModelVersionRow]) -> list[VersionView]:
+        """Assemble views for many rows with one query per related table."""
+        if not rows:
+            return []
+        ids = [row.id for row in rows]
+        files: dict[int, list[FileView]] = {}
+        for file in session.exec(
+            select(ModelFile).where(col(ModelFile.version_id).in_(ids)).order_by(col(ModelFile.path))
+        ):
+            files.setdefault(file.version_id, []).append(FileView(file.path, file.size, file.sha256))
+        tags: dict[int, dict[str, str]] = {}
+        for tag in session.exec(select(ModelTag).where(col(ModelTag.version_id).in_(ids))):
+            tags.setdefault(tag.version_id, {})[tag.key] = tag.value
+        usages: dict[int, list[str]] = {}
+        for usage in session.exec(select(ModelUsage).where(col(ModelUsage.version_id).in_(ids))):
+            usages.setdefault(usage.version_id, []).append(usage.deployment_id)
+        aliases: dict[tuple[str, int], list[str]] = {}
+        names = {row.name for row in rows}
+        for alias in session.exec(select(ModelAlias).where(col(ModelAlias.name).in_(names))):
+            aliases.setdefault((alias.name, alias.version), []).append(alias.alias)
+        return [
+            VersionView(
+                name=row.name,
+                version=row.version,
+                framework=row.framework,
+                description=row.description,
+                tags=tags.get(row.id, {}),
+                signature=Signature.model_validate_json(row.signature),
+                lineage=Lineage(
+                    run_id=row.run_id,
+                    experiment=row.experiment,
+                    git_repo=row.git_repo,
+                    git_branch=row.git_branch,
+                    git_commit=row.git_commit,
+                    datasets=json.loads(row.datasets),
+                    environment=row.environment,
+                    parent_version=row.parent_version,
+                ),
+                files=files.get(row.id, []),
+                aliases=sorted(aliases.get((row.name, row.version), [])),
+                status=row.status,
+                created_by=row.created_by,
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                used_by=sorted(usages.get(row.id, [])),
+            )
+            for row in rows
+        ]
+
+    def _view(self, session: Session, row: ModelVersionRow) -> VersionView:
+        return self._views(session, [row])[0]
+
+    # ------------------------------------------------------------ registering versions
+
+    def begin_upload(self, metadata: VersionMetadata, actor: str) -> Upload:
+        """Start receiving a new version's files; nothing is visible until `Upload.finish`."""
+        return Upload(self, metadata.validated(), actor)
+
+    def _commit_version(self, upload: Upload) -> VersionView:
+        metadata = upload.metadata
+        signature = metadata.signature
+        framework = metadata.framework
+        lineage = metadata.lineage
+        if metadata.format == "mlflow":
+            framework, signature, lineage = upload.read_mlflow(framework, signature, lineage)
+        if not framework:
+            framework = "onnx" if any(path.endswith(".onnx") for path in upload.files) else "other"
+        if framework == "onnx" and signature.is_empty():
+            signature = Signature.model_validate(formats.onnx_signature(upload.main_onnx_file()))
+        now = time.time()
+        with self.database.transaction() as session:
+            version = self._next_version(session, RegisteredModel, metadata.name)
+            missing = [path for path, (_, digest) in upload.files.items() if not self.blobs.exists(digest)]
+            if missing:
+                # Another registry process deleted shared content meanwhile; nothing was written.
+                raise Aborted(f"stored content of {', '.join(missing[:5])} vanished during the upload; upload again")
+            if lineage.parent_version and lineage.parent_version >= version:
+                raise InvalidArgument(
+                    f"lineage.parent_version {lineage.parent_version} must be an earlier version",
+                    field="lineage.parent_version",
+                )
+            row = ModelVersionRow(
+                name=metadata.name,
+                version=version,
+                framework=framework,
+                description=metadata.description,
+                signature=signature.model_dump_json(),
+                run_id=lineage.run_id,
+                experiment=lineage.experiment,
+                git_repo=lineage.git_repo,
+                git_branch=lineage.git_branch,
+                git_commit=lineage.git_commit,
+                datasets=json.dumps(lineage.datasets),
+                environment=lineage.environment,
+                parent_version=lineage.parent_version,
+                status=READY,
+                created_by=upload.actor,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(row)
+            session.flush()
+            assert row.id is not None
+            session.add_all(
+                ModelFile(version_id=row.id, path=path, size=size, sha256=digest)
+                for path, (size, digest) in upload.files.items()
+            )
+            session.add_all(ModelTag(version_id=row.id, key=key, value=value) for key, value in metadata.tags.items())
+            resource = resource_of(metadata.name, version)
+            self._audit(session, upload.actor, "model.register", resource, files=len(upload.files), framework=framework)
+            file_records = [
+                events.FileRecord(path=path, size=size, sha256=digest)
+                for path, (size, digest) in list(upload.files.items())[:100]
+            ]
+            self._emit(
+                session,
+                events.ModelRegistered(
+                    name=metadata.name,
+                    version=version,
+                    framework=framework,
+                    tags=metadata.tags,
+                    files=file_records,
+                    run_id=lineage.run_id,
+                    created_by=upload.actor,
+                ),
+                resource,
+            )
+            session.flush()
+            return self._view(session, row)
+
+    # ------------------------------------------------------------ reading
+
+    def get_version(self, ref: str, at: float | None = None) -> VersionView:
+        with self.database.session() as session:
+            return self._view(session, self._version_row(session, Reference.parse(ref), at=at))
+
+    def files_of(self, ref: str) -> list[FileView]:
+        return self.get_version(ref).files
+
+    def list_models(
+        self, name_prefix: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[ModelSummaryView], str]:
+        size, offset = paging.page_size(page_size), paging.decode(page_token)
+        check_text(name_prefix, "name_prefix", 128)
+        with self.database.session() as session:
+            query = select(RegisteredModel).order_by(col(RegisteredModel.name))
+            if name_prefix:
+                query = query.where(col(RegisteredModel.name).startswith(name_prefix, autoescape=True))
+            models = list(session.exec(query.offset(offset).limit(size + 1)))
+            page = models[:size]
+            names = [model.name for model in page]
+            counts = dict(
+                session.exec(
+                    select(ModelVersionRow.name, func.count())
+                    .where(col(ModelVersionRow.name).in_(names))
+                    .group_by(ModelVersionRow.name)
+                ).all()
+            )
+            aliases: dict[str, dict[str, int]] = {}
+            for alias in session.exec(select(ModelAlias).where(col(ModelAlias.name).in_(names))):
+                aliases.setdefault(alias.name, {})[alias.alias] = alias.version
+            views = [
+                ModelSummaryView(
+                    name=model.name,
+                    latest_version=model.latest_version,
+                    version_count=counts.get(model.name, 0),
+                    aliases=aliases.get(model.name, {}),
+                    created_at=model.created_at,
+                    updated_at=model.updated_at,
+                )
+                for model in page
+            ]
+        return views, paging.next_token(offset, size, len(models))
+
+    def search_versions(self, query: SearchQuery) -> tuple[list[VersionView], str]:
+        size, offset = paging.page_size(query.page_size), paging.decode(query.page_token)
+        if query.order_by not in ORDERINGS:
+            raise InvalidArgument(
+                f"order_by {query.order_by[:40]!r} is not one of {', '.join(k for k in ORDERINGS if k)}",
+                field="order_by",
+            )
+        if query.framework and query.framework not in FRAMEWORKS:
+            raise InvalidArgument(
+                f"framework {query.framework[:40]!r} is not one of {', '.join(FRAMEWORKS)}", field="framework"
+            )
+        check_text(query.name_prefix, "name_prefix", 128)
+        statement = select(ModelVersionRow)
+        if query.name_prefix:
+            statement = statement.where(col(ModelVersionRow.name).startswith(query.name_prefix, autoescape=True))
+        if not query.include_archived:
+            statement = statement.where(ModelVersionRow.status == READY)
+        if query.framework:
+            statement = statement.where(ModelVersionRow.framework == query.framework)
+        if query.created_after is not None:
+            statement = statement.where(ModelVersionRow.created_at >= query.created_after)
+        if query.created_before is not None:
+            statement = statement.where(ModelVersionRow.created_at < query.created_before)
+        for tag_filter in query.tags:
+            key, has_value, value = tag_filter.partition("=")
+            check_tags({key: value}, "tags")
+            tagged = select(ModelTag.version_id).where(ModelTag.key == key)
+            if has_value:
+                tagged = tagged.where(ModelTag.value == value)
+            statement = statement.where(col(ModelVersionRow.id).in_(tagged))
+        if query.alias:
+            check_name(query.alias, "alias")
+            statement = statement.join(
+                ModelAlias,
+                (ModelAlias.name == ModelVersionRow.name) & (ModelAlias.version == ModelVersionRow.version),
+            ).where(ModelAlias.alias == query.alias)
+        column, descending = ORDERINGS[query.order_by]
+        ordering = col(column).desc() if descending else col(column).asc()
+        statement = statement.order_by(ordering, col(ModelVersionRow.id).desc()).offset(offset).limit(size + 1)
+        with self.database.session() as session:
+            rows = list(session.exec(statement))
+            return self._views(session, rows[:size]), paging.next_token(offset, size, len(rows))
+
+    # ------------------------------------------------------------ changing
+
+    def update_version(
+        self,
+        ref: str,
+        actor: str,
+        *,
+        set_tags: dict[str, str],
+        remove_tags: list[str],
+        description: str | None,
+        reason: str,
+    ) -> VersionView:
+        check_tags(set_tags, "set_tags")
+        for key in remove_tags:
+            check_tags({key: ""}, "remove_tags")
+        if description is not None:
+            check_text(description, "description")
+        check_text(reason, "reason", 2000)
+        if not set_tags and not remove_tags and description is None:
+            raise InvalidArgument("nothing to change: give tags to set or remove, or a description")
+        reference = Reference.parse(ref)
+        with self.database.transaction() as session:
+            row = self._version_row(session, reference, lock=True)
+            assert row.id is not None
+            existing = {tag.key: tag for tag in session.exec(select(ModelTag).where(ModelTag.version_id == row.id))}
+            if len(set(existing) | set(set_tags)) - len(set(remove_tags) & set(existing)) > MAX_TAGS:
+                raise InvalidArgument(f"a version may carry at most {MAX_TAGS} tags", field="set_tags")
+            for key in remove_tags:
+                if key in existing:
+                    session.delete(existing.pop(key))
+            for key, value in set_tags.items():
+                if key in existing:
+                    existing[key].value = value
+                    session.add(existing[key])
+                else:
+                    session.add(ModelTag(version_id=row.id, key=key, value=value))
+            changed = [
+                *(["tags"] if set_tags or remove_tags else []),
+                *(["description"] if description is not None else []),
+            ]
+            if description is not None:
+                row.description = description
+            row.updated_at = time.time()
+            session.add(row)
+            session.flush()
+            view = self._view(session, row)
+            self._audit(
+                session,
+                actor,
+                "model.update",
+                view.resource,
+                reason,
+                set_tags=set_tags,
+                remove_tags=remove_tags,
+                description=description,
+            )
+            self._emit(
+                session,
+                events.ModelUpdated(
+                    name=view.name, version=view.version, tags=view.tags, description=view.description, changed=changed
+                ),
+                view.resource,
+            )
+            return view
+
+    def set_alias(self, name: str, alias: str, version: int, actor: str, reason: str) -> tuple[VersionView, int]:
+        check_name(name)
+        check_name(alias, "alias")
+        check_text(reason, "reason", 2000)
+        if not reason.strip():
+            raise InvalidArgument("setting an alias needs a reason (why this version?)", field="reason")
+        if version < 1:
+            raise InvalidArgument("version must be a positive whole number", field="version")
+        with self.database.transaction() as session:
+            model = session.exec(select(RegisteredModel).where(RegisteredModel.name == name).with_for_update()).first()
+            if model is None:
+                raise NotFound(f"model {name!r} does not exist", reason="MODEL_NOT_FOUND")
+            row = self._version_row(session, Reference(name, version=version))
+            if row.status != READY:
+                raise FailedPrecondition(
+                    f"version {version} of {name!r} is archived; an alias must point at a live version"
+                )
+            current = session.get(ModelAlias, (name, alias))
+            previous = current.version if current else 0
+            now = time.time()
+            if current is None:
+                current = ModelAlias(name=name, alias=alias, version=version, set_at=now, set_by=actor, reason=reason)
+            else:
+                current.version, current.set_at, current.set_by, current.reason = version, now, actor, reason
+            session.add(current)
+            session.add(AliasChange(name=name, alias=alias, version=version, at=now, actor=actor, reason=reason))
+            resource = resource_of(name, version)
+            self._audit(session, actor, "model.alias.set", resource, reason, alias=alias, previous_version=previous)
+            self._emit(
+                session,
+                events.ModelAliasSet(
+                    name=name, alias=alias, version=version, previous_version=previous or None, reason=reason
+                ),
+                resource,
+            )
+            session.flush()
+            return self._view(session, row), previous
+
+    def remove_alias(self, name: str, alias: str, actor: str, reason: str) -> int:
+        check_name(name)
+        check_name(alias, "alias")
+        check_text(reason, "reason", 2000)
+        with self.database.transaction() as session:
+            model = session.exec(select(RegisteredModel).where(RegisteredModel.name == name).with_for_update()).first()
+            if model is None:
+                raise NotFound(f"model {name!r} does not exist", reason="MODEL_NOT_FOUND")
+            current = session.get(ModelAlias, (name, alias))
+            if current is None:
+                raise NotFound(f"model {name!r} has no alias {alias!r}", reason="ALIAS_NOT_FOUND")
+            previous = current.version
+            session.delete(current)
+            session.add(AliasChange(name=name, alias=alias, version=0, at=time.time(), actor=actor, reason=reason))
+            resource = f"models/{name}/aliases/{alias}"
+            self._audit(session, actor, "model.alias.remove", resource, reason, previous_version=previous)
+            self._emit(
+                session,
+                events.ModelAliasRemoved(name=name, alias=alias, previous_version=previous, reason=reason),
+                resource,
+            )
+            return previous
+
+    def alias_history(self, name: str, alias: str = "") -> list[AliasChangeView]:
+        check_name(name)
+        if alias:
+            check_name(alias, "alias")
+        with self.database.session() as session:
+            self._require_model(session, name)
+            query = select(AliasChange).where(AliasChange.name == name)
+            if alias:
+                query = query.where(AliasChange.alias == alias)
+            changes = session.exec(query.order_by(col(AliasChange.at), col(AliasChange.id))).all()
+            return [AliasChangeView(c.name, c.alias, c.version, c.at, c.actor, c.reason) for c in changes]
+
+    def _check_removable(self, session: Session, row: ModelVersionRow, verb: str) -> None:
+        usages = session.exec(select(ModelUsage.deployment_id).where(ModelUsage.version_id == row.id)).all()
+        if usages:
+            raise FailedPrecondition(
+                f"cannot {verb} {row.name}:{row.version}: deployments {', '.join(sorted(usages))} use it; "
+                "delete or move those deployments first",
+                reason="VERSION_IN_USE",
+                metadata={"deployments": ",".join(sorted(usages))},
+            )
+        aliases = session.exec(
+            select(ModelAlias.alias).where(ModelAlias.name == row.name, ModelAlias.version == row.version)
+        ).all()
+        if aliases:
+            raise FailedPrecondition(
+                f"cannot {verb} {row.name}:{row.version}: aliases {', '.join(sorted(aliases))} point at it; "
+                "move or remove them first",
+                reason="VERSION_ALIASED",
+            )
+
+    def archive_version(self, ref: str, actor: str, reason: str) -> VersionView:
+        check_text(reason, "reason", 2000)
+        reference = Reference.parse(ref)
+        with self.database.transaction() as session:
+            self._lock_model(session, reference.name)
+            row = self._version_row(session, reference, lock=True)
+            if row.status == ARCHIVED:
+                return self._view(session, row)
+            self._check_removable(session, row, "archive")
+            row.status, row.updated_at = ARCHIVED, time.time()
+            session.add(row)
+            resource = resource_of(row.name, row.version)
+            self._audit(session, actor, "model.archive", resource, reason)
+            self._emit(session, events.ModelArchived(name=row.name, version=row.version, reason=reason), resource)
+            session.flush()
+            return self._view(session, row)
+
+    def delete_version(self, ref: str, actor: str, reason: str) -> None:
+        check_text(reason, "reason", 2000)
+        reference = Reference.parse(ref)
+        if reference.version is None:
+            raise InvalidArgument(
+                "delete needs an exact version, e.g. name:3 (not an alias or the latest)", field="ref"
+            )
+        with self.database.transaction() as session:
+            self._lock_model(session, reference.name)
+            row = self._version_row(session, reference, lock=True)
+            self._check_removable(session, row, "delete")
+            digests = set(session.exec(select(ModelFile.sha256).where(ModelFile.version_id == row.id)).all())
+            session.execute(delete(ModelTag).where(col(ModelTag.version_id) == row.id))
+            session.execute(delete(ModelFile).where(col(ModelFile.version_id) == row.id))
+            session.delete(row)
+            resource = resource_of(row.name, row.version)
+            self._audit(session, actor, "model.delete", resource, reason)
+            self._emit(session, events.ModelDeleted(name=row.name, version=row.version, reason=reason), resource)
+            session.flush()
+            still_used = set(session.exec(select(ModelFile.sha256).where(col(ModelFile.sha256).in_(digests))).all())
+            still_used |= set(session.exec(select(DatasetRow.sha256).where(col(DatasetRow.sha256).in_(digests))).all())
+        # After the commit: a crash here leaves only unreferenced blobs, which the sweep removes.
+        self.blobs.delete(digests - still_used)
+
+    def _lock_model(self, session: Session, name: str) -> None:
+        """Serialise changes to one model's versions (alias moves, usages, archive, delete)."""
+        session.exec(select(RegisteredModel).where(RegisteredModel.name == name).with_for_update()).first()
+
+    # ------------------------------------------------------------ usages
+
+    def acquire_usage(self, ref: str, deployment_id: str, actor: str) -> VersionView:
+        self._check_deployment_id(deployment_id)
+        reference = Reference.parse(ref)
+        with self.database.transaction() as session:
+            self._lock_model(session, reference.name)
+            row = self._version_row(session, reference)
+            if row.status != READY:
+                raise FailedPrecondition(f"{row.name}:{row.version} is archived and cannot be deployed")
+            if session.get(ModelUsage, (row.id, deployment_id)) is None:
+                session.add(ModelUsage(version_id=row.id, deployment_id=deployment_id, acquired_at=time.time()))
+                self._audit(
+                    session, actor, "model.usage.acquire", resource_of(row.name, row.version), deployment=deployment_id
+                )
+            session.flush()
+            return self._view(session, row)
+
+    def release_usage(self, ref: str, deployment_id: str, actor: str) -> None:
+        """Forget that `deployment_id` uses the version; releasing twice is harmless."""
+        self._check_deployment_id(deployment_id)
+        reference = Reference.parse(ref)
+        with self.database.transaction() as session:
+            self._lock_model(session, reference.name)
+            row = self._version_row(session, reference)
+            usage = session.get(ModelUsage, (row.id, deployment_id))
+            if usage is not None:
+                session.delete(usage)
+                self._audit(
+                    session, actor, "model.usage.release", resource_of(row.name, row.version), deployment=deployment_id
+                )
+
+    @staticmethod
+    def _check_deployment_id(deployment_id: str) -> None:
+        if not ID_PATTERN.fullmatch(deployment_id or ""):
+            raise InvalidArgument(
+                f"deployment_id {deployment_id[:200]!r} is not valid: 1-200 letters, digits, '.', '_', ':', '/' or '-'",
+                field="deployment_id",
+            )
+
+    # ------------------------------------------------------------ datasets
+
+    def begin_dataset_upload(
+        self, name: str, file_format: str, description: str, tags: dict[str, str], actor: str
+    ) -> DatasetUpload:
+        check_name(name)
+        if file_format and file_format not in ("csv", "parquet"):
+            raise InvalidArgument(f"format {file_format[:40]!r} is not csv or parquet", field="format")
+        check_text(description, "description")
+        check_tags(tags)
+        return DatasetUpload(self, name, file_format, description, tags, actor)
+
+    def _commit_dataset(
+        self, upload: DatasetUpload, path: str, size: int, digest: str, file_format: str
+    ) -> dict[str, Any]:
+        summary = formats.table_summary(self.blobs.path_of(digest), file_format)
+        fingerprint = formats.fingerprint(summary["schema"], digest)
+        with self.database.transaction() as session:
+            version = self._next_version(session, DatasetName, upload.name)
+            row = DatasetRow(
+                name=upload.name,
+                version=version,
+                format=file_format,
+                description=upload.description,
+                tags=json.dumps(upload.tags),
+                path=path,
+                size=size,
+                sha256=digest,
+                row_count=summary["row_count"],
+                columns=json.dumps(summary["columns"]),
+                fingerprint=fingerprint,
+                created_by=upload.actor,
+                created_at=time.time(),
+            )
+            session.add(row)
+            resource = f"datasets/{upload.name}/versions/{version}"
+            self._audit(session, upload.actor, "dataset.register", resource, rows=row.row_count)
+            self._emit(
+                session,
+                events.DatasetRegistered(
+                    name=upload.name,
+                    version=version,
+                    format=file_format,
+                    row_count=row.row_count,
+                    fingerprint=fingerprint,
+                ),
+                resource,
+            )
+            session.flush()
+            return _dataset_view(row)
+
+    def get_dataset(self, ref: str) -> dict[str, Any]:
+        name, _, number = ref.partition(":")
+        check_name(name)
+        if number and (not number.isdigit() or len(number) > 18):
+            raise InvalidArgument(f"dataset version {number[:40]!r} must be a positive whole number", field="ref")
+        with self.database.session() as session:
+            query = select(DatasetRow).where(DatasetRow.name == name)
+            query = (
+                query.where(DatasetRow.version == int(number))
+                if number
+                else query.order_by(col(DatasetRow.version).desc()).limit(1)
+            )
+            row = session.exec(query).first()
+            if row is None:
+                raise NotFound(f"dataset {ref[:160]!r} does not exist", reason="DATASET_NOT_FOUND")
+            return _dataset_view(row)
+
+    def list_datasets(
+        self, name_prefix: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[dict[str, Any]], str]:
+        size, offset = paging.page_size(page_size), paging.decode(page_token)
+        check_text(name_prefix, "name_prefix", 128)
+        query = select(DatasetRow).order_by(col(DatasetRow.name), col(DatasetRow.version).desc())
+        if name_prefix:
+            query = query.where(col(DatasetRow.name).startswith(name_prefix, autoescape=True))
+        with self.database.session() as session:
+            rows = list(session.exec(query.offset(offset).limit(size + 1)))
+            return [_dataset_view(row) for row in rows[:size]], paging.next_token(offset, size, len(rows))
+
+    # ------------------------------------------------------------ runs
+
+    def record_run(self, run: dict[str, Any], actor: str) -> dict[str, Any]:
+        run_id = run.get("id") or events.uuid7()
+        if not ID_PATTERN.fullmatch(run_id):
+            raise InvalidArgument(
+                f"run id {run_id[:200]!r} is not valid: 1-200 letters, digits, '.', '_', ':', '/' or '-'",
+                field="run.id",
+            )
+        status = run.get("status") or "FINISHED"
+        if status not in RUN_STATUSES:
+            raise InvalidArgument(
+                f"run status {status[:40]!r} is not one of {', '.join(RUN_STATUSES)}", field="run.status"
+            )
+        params, metrics = run.get("params", {}), run.get("metrics", {})
+        if len(params) > 1000 or len(metrics) > 1000:
+            raise InvalidArgument("a run may carry at most 1000 params and 1000 metrics", field="run")
+        check_tags({key: str(value)[:MAX_TAG_VALUE] for key, value in params.items()}, "run.params")
+        for key, value in params.items():
+            check_text(value, f"run.params.{key}", 6000)
+        for key, value in metrics.items():
+            check_tags({key: ""}, "run.metrics")
+            if not math.isfinite(value):
+                raise InvalidArgument(f"metric {key!r} is not a finite number", field="run.metrics")
+        for text_field in ("experiment", "name", "git_repo", "git_branch", "git_commit"):
+            check_text(run.get(text_field, ""), f"run.{text_field}", 1024)
+        row = RunRow(
+            id=run_id,
+            experiment=run.get("experiment", ""),
+            name=run.get("name", ""),
+            params=json.dumps(params),
+            metrics=json.dumps(metrics),
+            git_repo=run.get("git_repo", ""),
+            git_branch=run.get("git_branch", ""),
+            git_commit=run.get("git_commit", ""),
+            datasets=json.dumps(run.get("datasets", [])),
+            status=status,
+            started_at=run.get("started_at"),
+            ended_at=run.get("ended_at"),
+            created_by=actor,
+            recorded_at=time.time(),
+        )
+        try:
+            with self.database.transaction() as session:
+                if session.get(RunRow, run_id) is not None:
+                    raise AlreadyExists(f"run {run_id!r} is already recorded", reason="RUN_EXISTS")
+                session.add(row)
+                resource = f"runs/{run_id}"
+                self._audit(session, actor, "run.record", resource, status=status)
+                self._emit(
+                    session,
+                    events.RunCompleted(run_id=run_id, experiment=row.experiment, status=status, metrics=metrics),
+                    resource,
+                )
+        except IntegrityError as error:
+            raise AlreadyExists(f"run {run_id!r} is already recorded", reason="RUN_EXISTS") from error
+        return _run_view(row)
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        if not ID_PATTERN.fullmatch(run_id or ""):
+            raise InvalidArgument(f"run id {run_id[:200]!r} is not valid", field="id")
+        with self.database.session() as session:
+            row = session.get(RunRow, run_id)
+            if row is None:
+                raise NotFound(f"run {run_id!r} does not exist", reason="RUN_NOT_FOUND")
+            return _run_view(row)
+
+    # ------------------------------------------------------------ audit
+
+    def list_audit(
+        self,
+        *,
+        resource_prefix: str = "",
+        actor: str = "",
+        action: str = "",
+        since: float | None = None,
+        until: float | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[AuditEntryRow], str]:
+        size, offset = paging.page_size(page_size), paging.decode(page_token)
+        for value, what in ((resource_prefix, "resource_prefix"), (actor, "actor"), (action, "action")):
+            check_text(value, what, 512)
+        query = select(AuditEntryRow)
+        if resource_prefix:
+            query = query.where(col(AuditEntryRow.resource).startswith(resource_prefix, autoescape=True))
+        if actor:
+            query = query.where(AuditEntryRow.actor == actor)
+        if action:
+            query = query.where(AuditEntryRow.action == action)
+        if since is not None:
+            query = query.where(AuditEntryRow.at >= since)
+        if until is not None:
+            query = query.where(AuditEntryRow.at < until)
+        with self.database.session() as session:
+            rows = list(session.exec(query.order_by(col(AuditEntryRow.id).desc()).offset(offset).limit(size + 1)))
+            return rows[:size], paging.next_token(offset, size, len(rows))
+
+    # ------------------------------------------------------------ housekeeping
+
+    def sweep_blobs(self) -> int:
+        """Remove partial uploads and blobs no version or dataset references."""
+        grace_seconds = self.blob_grace_seconds
+        with self.database.session() as session:
+            referenced = set(session.exec(select(ModelFile.sha256)).all())
+            referenced |= set(session.exec(select(DatasetRow.sha256)).all())
+        return self.blobs.sweep(referenced, grace_seconds)
+
+
+class Upload:
+    """A model version being received: files stream into the blob store, then one commit."""
+
+    def __init__(self, registry: Registry, metadata: VersionMetadata, actor: str) -> None:
+        self.registry = registry
+        self.metadata = metadata
+        self.actor = actor
+        self.files: dict[str, tuple[int, str]] = {}
+        self.total = 0
+        self._path: str | None = None
+        self._writer: BlobWriter | None = None
+
+    def start_file(self, path: str) -> None:
+        self._close_file()
+        check_file_path(path)
+        if path in self.files or any(
+            path.startswith(f"{other}/") or other.startswith(f"{path}/") for other in self.files
+        ):
+            raise InvalidArgument(f"file path {path!r} is sent twice or clashes with a folder", field="files.path")
+        if len(self.files) >= self.registry.max_files_per_version:
+            raise ResourceExhausted(f"a version may hold at most {self.registry.max_files_per_version} files")
+        self._path, self._writer = path, self.registry.blobs.writer()
+
+    def write(self, data: bytes) -> None:
+        if self._writer is None:
+            raise InvalidArgument("file data arrived before a file header naming its path", field="files")
+        self.total += len(data)
+        if self.total > self.registry.max_version_bytes:
+            raise ResourceExhausted(
+                f"the version's files exceed {self.registry.max_version_bytes} bytes, the limit per "
+                "version (MLMESH_REGISTRY_MAX_VERSION_BYTES)"
+            )
+        self._writer.write(data)
+
+    def _close_file(self) -> None:
+        if self._writer is None or self._path is None:
+            return
+        writer, path = self._writer, self._path
+        self._writer = self._path = None
+        if writer.size == 0:
+            writer.discard()
+            raise InvalidArgument(f"file {path!r} is empty", field="files")
+        digest = writer.commit()
+        self.files[path] = (writer.size, digest)
+
+    def finish(self) -> VersionView:
+        self._close_file()
+        if not self.files:
+            raise InvalidArgument("a model version needs at least one file", field="files")
+        view = self.registry._commit_version(self)
+        self.registry.blobs.unpin(digest for _, digest in self.files.values())
+        self.files = {}
+        return view
+
+    def abort(self) -> None:
+        """Drop what was received; blobs shared with committed versions stay."""
+        if self._writer is not None:
+            self._writer.discard()
+        self._writer = None
+        # Blobs already stored may be shared with another upload of the same content that is
+        # about to commit; the periodic sweep removes them once nothing references them.
+        self.registry.blobs.unpin(digest for _, digest in self.files.values())
+        self.files = {}
+
+    def main_onnx_file(self) -> Any:
+        onnx_files = [path for path in self.files if path.endswith(".onnx")]
+        if not onnx_files:
+            raise InvalidArgument("framework is onnx but no .onnx file was uploaded", field="files")
+        return self.registry.blobs.path_of(self.files[sorted(onnx_files, key=len)[0]][1])
+
+    def read_mlflow(self, framework: str, signature: Signature, lineage: Lineage) -> tuple[str, Signature, Lineage]:
+        if "MLmodel" not in self.files:
+            raise InvalidArgument("an MLflow import needs the MLmodel file at the top of the directory", field="files")
+        described = formats.mlflow_model(self.registry.blobs.path_of(self.files["MLmodel"][1]))
+        if described["main_file"] not in self.files:
+            raise InvalidArgument(f"MLmodel names {described['main_file']!r}, which was not uploaded", field="files")
+        if signature.is_empty():
+            signature = Signature.model_validate(described["signature"])
+        if not lineage.run_id and described["run_id"]:
+            lineage = lineage.model_copy(update={"run_id": described["run_id"]})
+        return framework or described["framework"], signature, lineage
+
+
+class DatasetUpload:
+    """One dataset file being received."""
+
+    def __init__(
+        self, registry: Registry, name: str, file_format: str, description: str, tags: dict[str, str], actor: str
+    ) -> None:
+        self.registry = registry
+        self.name = name
+        self.format = file_format
+        self.description = description
+        self.tags = tags
+        self.actor = actor
+        self.path: str | None = None
+        self._writer: BlobWriter | None = None
+
+    def start_file(self, path: str) -> None:
+        if self.path is not None:
+            raise InvalidArgument("a dataset version is one file; a second file header arrived", field="file")
+        check_file_path(path)
+        if not self.format:
+            suffix = path.rsplit(".", 1)[-1].lower()
+            self.format = {"csv": "csv", "parquet": "parquet", "pq": "parquet"}.get(suffix, "")
+            if not self.format:
+                raise InvalidArgument(f"cannot tell the format of {path!r}; pass format csv or parquet", field="format")
+        self.path, self._writer = path, self.registry.blobs.writer()
+
+    def write(self, data: bytes) -> None:
+        if self._writer is None:
+            raise InvalidArgument("file data arrived before a file header naming its path", field="file")
+        if self._writer.size + len(data) > self.registry.max_dataset_bytes:
+            raise ResourceExhausted(
+                f"the dataset exceeds {self.registry.max_dataset_bytes} bytes (MLMESH_REGISTRY_MAX_DATASET_BYTES)"
+            )
+        self._writer.write(data)
+
+    def finish(self) -> dict[str, Any]:
+        if self._writer is None or self.path is None:
+            raise InvalidArgument("a dataset needs one CSV or Parquet file", field="file")
+        if self._writer.size == 0:
+            raise InvalidArgument(f"file {self.path!r} is empty", field="file")
+        writer, self._writer = self._writer, None
+        size = writer.size
+        digest = writer.commit()
+        try:
+            return self.registry._commit_dataset(self, self.path, size, digest, self.format)
+        finally:
+            self.registry.blobs.unpin([digest])
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.discard()
+            self._writer = None
+
+
+def _dataset_view(row: DatasetRow) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "version": row.version,
+        "format": row.format,
+        "description": row.description,
+        "tags": json.loads(row.tags),
+        "file": FileView(row.path, row.size, row.sha256),
+        "row_count": row.row_count,
+        "columns": json.loads(row.columns),
+        "fingerprint": row.fingerprint,
+        "created_by": row.created_by,
+        "created_at": row.created_at,
+    }
+
+
+def _run_view(row: RunRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "experiment": row.experiment,
+        "name": row.name,
+        "params": json.loads(row.params),
+        "metrics": json.loads(row.metrics),
+        "git_repo": row.git_repo,
+        "git_branch": row.git_branch,
+        "git_commit": row.git_commit,
+        "datasets": json.loads(row.datasets),
+        "status": row.status,
+        "started_at": row.started_at,
+        "ended_at": row.ended_at,
+        "created_by": row.created_by,
+    }

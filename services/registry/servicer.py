@@ -1,0 +1,345 @@
+"""gRPC servicer of mlmesh.v1.RegistryService: proto in, domain call, proto out. Nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from services._proto.mlmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from services.common.convert import seconds, timestamp
+from services.common.errors import InvalidArgument
+from services.common.server import actor_of
+from services.registry import domain
+
+CHUNK_BYTES = 1024 * 1024
+_STATUS = {
+    domain.READY: registry_pb2.MODEL_VERSION_STATUS_READY,
+    domain.ARCHIVED: registry_pb2.MODEL_VERSION_STATUS_ARCHIVED,
+}
+
+
+# ---------------------------------------------------------------- proto -> domain
+
+
+def signature_from_proto(message: common_pb2.Signature) -> domain.Signature:
+    def specs(tensors: Any) -> list[dict[str, Any]]:
+        return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in tensors]
+
+    return domain.Signature.model_validate({"inputs": specs(message.inputs), "outputs": specs(message.outputs)})
+
+
+def metadata_from_proto(message: registry_pb2.ModelVersionMetadata) -> domain.VersionMetadata:
+    lineage = message.lineage
+    return domain.VersionMetadata(
+        name=message.name,
+        framework=message.framework,
+        description=message.description,
+        tags=dict(message.tags),
+        signature=signature_from_proto(message.signature),
+        lineage=domain.Lineage(
+            run_id=lineage.run_id,
+            experiment=lineage.experiment,
+            git_repo=lineage.git.repo,
+            git_branch=lineage.git.branch,
+            git_commit=lineage.git.commit,
+            datasets=list(lineage.datasets),
+            environment=lineage.environment,
+            parent_version=lineage.parent_version,
+        ),
+        format="mlflow" if message.format == registry_pb2.UPLOAD_FORMAT_MLFLOW else "files",
+    )
+
+
+# ---------------------------------------------------------------- domain -> proto
+
+
+def version_to_proto(view: domain.VersionView) -> registry_pb2.ModelVersion:
+    lineage = view.lineage
+    return registry_pb2.ModelVersion(
+        name=view.name,
+        version=view.version,
+        framework=view.framework,
+        description=view.description,
+        tags=view.tags,
+        signature=common_pb2.Signature(
+            inputs=[common_pb2.TensorSpec(**spec.model_dump()) for spec in view.signature.inputs],
+            outputs=[common_pb2.TensorSpec(**spec.model_dump()) for spec in view.signature.outputs],
+        ),
+        lineage=registry_pb2.Lineage(
+            run_id=lineage.run_id,
+            experiment=lineage.experiment,
+            git=registry_pb2.GitInfo(repo=lineage.git_repo, branch=lineage.git_branch, commit=lineage.git_commit),
+            datasets=lineage.datasets,
+            environment=lineage.environment,
+            parent_version=lineage.parent_version,
+        ),
+        files=[file_to_proto(file) for file in view.files],
+        aliases=view.aliases,
+        status=_STATUS[view.status],
+        created_by=view.created_by,
+        created_at=timestamp(view.created_at),
+        updated_at=timestamp(view.updated_at),
+        used_by=view.used_by,
+    )
+
+
+def file_to_proto(file: domain.FileView) -> common_pb2.FileInfo:
+    return common_pb2.FileInfo(path=file.path, size=file.size, sha256=file.sha256)
+
+
+def dataset_to_proto(view: dict[str, Any]) -> registry_pb2.Dataset:
+    return registry_pb2.Dataset(
+        name=view["name"],
+        version=view["version"],
+        format=view["format"],
+        description=view["description"],
+        tags=view["tags"],
+        file=file_to_proto(view["file"]),
+        row_count=view["row_count"],
+        columns=[registry_pb2.ColumnSummary(**column) for column in view["columns"]],
+        fingerprint=view["fingerprint"],
+        created_by=view["created_by"],
+        created_at=timestamp(view["created_at"]),
+    )
+
+
+def run_to_proto(view: dict[str, Any]) -> registry_pb2.Run:
+    return registry_pb2.Run(
+        id=view["id"],
+        experiment=view["experiment"],
+        name=view["name"],
+        params=view["params"],
+        metrics=view["metrics"],
+        git=registry_pb2.GitInfo(repo=view["git_repo"], branch=view["git_branch"], commit=view["git_commit"]),
+        datasets=view["datasets"],
+        status=view["status"],
+        started_at=timestamp(view["started_at"]),
+        ended_at=timestamp(view["ended_at"]),
+        created_by=view["created_by"],
+    )
+
+
+async def _receive_files(upload: Any, requests: AsyncIterator[Any]) -> None:
+    """Feed the file parts of an upload stream (after its metadata) into a domain upload."""
+    async for request in requests:
+        if request.WhichOneof("part") != "file":
+            raise InvalidArgument("metadata may be sent only once, as the first message", field="metadata")
+        if request.file.WhichOneof("part") == "header":
+            await asyncio.to_thread(upload.start_file, request.file.header.path)
+        else:
+            upload.write(request.file.data)
+
+
+async def _first_metadata(requests: AsyncIterator[Any]) -> Any:
+    async for request in requests:
+        if request.WhichOneof("part") != "metadata":
+            raise InvalidArgument("the first message of an upload must carry the metadata", field="metadata")
+        return request.metadata
+    raise InvalidArgument("the upload stream was empty: send metadata, then the files", field="metadata")
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, registry: domain.Registry) -> None:
+        self.registry = registry
+
+    async def RegisterModelVersion(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        requests = aiter(request_iterator)
+        metadata = metadata_from_proto(await _first_metadata(requests))
+        upload = self.registry.begin_upload(metadata, actor_of(context))
+        try:
+            await _receive_files(upload, requests)
+            view = await asyncio.to_thread(upload.finish)
+        except BaseException:
+            upload.abort()
+            raise
+        return registry_pb2.RegisterModelVersionResponse(model_version=version_to_proto(view))
+
+    async def GetModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        at = seconds(request.at, request.HasField("at"))
+        view = await asyncio.to_thread(self.registry.get_version, request.ref, at)
+        return registry_pb2.GetModelVersionResponse(model_version=version_to_proto(view))
+
+    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        models, token = await asyncio.to_thread(
+            self.registry.list_models, request.name_prefix, request.page_size, request.page_token
+        )
+        return registry_pb2.ListModelsResponse(
+            models=[
+                registry_pb2.ModelSummary(
+                    name=model.name,
+                    latest_version=model.latest_version,
+                    version_count=model.version_count,
+                    aliases=model.aliases,
+                    created_at=timestamp(model.created_at),
+                    updated_at=timestamp(model.updated_at),
+                )
+                for model in models
+            ],
+            next_page_token=token,
+        )
+
+    async def SearchModelVersions(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        query = domain.SearchQuery(
+            name_prefix=request.name_prefix,
+            tags=list(request.tags),
+            framework=request.framework,
+            alias=request.alias,
+            created_after=seconds(request.created_after, request.HasField("created_after")),
+            created_before=seconds(request.created_before, request.HasField("created_before")),
+            order_by=request.order_by,
+            include_archived=request.include_archived,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        views, token = await asyncio.to_thread(self.registry.search_versions, query)
+        return registry_pb2.SearchModelVersionsResponse(
+            model_versions=[version_to_proto(view) for view in views], next_page_token=token
+        )
+
+    async def DownloadModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        files = await asyncio.to_thread(self.registry.files_of, request.ref)
+        for file in files:
+            yield registry_pb2.DownloadModelVersionResponse(
+                file=common_pb2.FileChunk(header=common_pb2.FileHeader(path=file.path))
+            )
+            chunks = self.registry.blobs.read(file.sha256, CHUNK_BYTES)
+            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                yield registry_pb2.DownloadModelVersionResponse(file=common_pb2.FileChunk(data=chunk))
+
+    async def UpdateModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        view = await asyncio.to_thread(
+            self.registry.update_version,
+            request.ref,
+            actor_of(context),
+            set_tags=dict(request.set_tags),
+            remove_tags=list(request.remove_tags),
+            description=request.description if request.HasField("description") else None,
+            reason=request.reason,
+        )
+        return registry_pb2.UpdateModelVersionResponse(model_version=version_to_proto(view))
+
+    async def SetAlias(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        view, previous = await asyncio.to_thread(
+            self.registry.set_alias, request.name, request.alias, request.version, actor_of(context), request.reason
+        )
+        return registry_pb2.SetAliasResponse(model_version=version_to_proto(view), previous_version=previous)
+
+    async def RemoveAlias(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        previous = await asyncio.to_thread(
+            self.registry.remove_alias, request.name, request.alias, actor_of(context), request.reason
+        )
+        return registry_pb2.RemoveAliasResponse(previous_version=previous)
+
+    async def ListAliasHistory(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        changes = await asyncio.to_thread(self.registry.alias_history, request.name, request.alias)
+        return registry_pb2.ListAliasHistoryResponse(
+            changes=[
+                registry_pb2.AliasChange(
+                    name=change.name,
+                    alias=change.alias,
+                    version=change.version,
+                    at=timestamp(change.at),
+                    actor=change.actor,
+                    reason=change.reason,
+                )
+                for change in changes
+            ]
+        )
+
+    async def ArchiveModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        view = await asyncio.to_thread(self.registry.archive_version, request.ref, actor_of(context), request.reason)
+        return registry_pb2.ArchiveModelVersionResponse(model_version=version_to_proto(view))
+
+    async def DeleteModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await asyncio.to_thread(self.registry.delete_version, request.ref, actor_of(context), request.reason)
+        return registry_pb2.DeleteModelVersionResponse()
+
+    async def AcquireUsage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        view = await asyncio.to_thread(
+            self.registry.acquire_usage, request.ref, request.deployment_id, actor_of(context)
+        )
+        return registry_pb2.AcquireUsageResponse(model_version=version_to_proto(view))
+
+    async def ReleaseUsage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await asyncio.to_thread(self.registry.release_usage, request.ref, request.deployment_id, actor_of(context))
+        return registry_pb2.ReleaseUsageResponse()
+
+    async def RegisterDataset(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        requests = aiter(request_iterator)
+        metadata = await _first_metadata(requests)
+        upload = self.registry.begin_dataset_upload(
+            metadata.name, metadata.format, metadata.description, dict(metadata.tags), actor_of(context)
+        )
+        try:
+            await _receive_files(upload, requests)
+            view = await asyncio.to_thread(upload.finish)
+        except BaseException:
+            upload.abort()
+            raise
+        return registry_pb2.RegisterDatasetResponse(dataset=dataset_to_proto(view))
+
+    async def GetDataset(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        view = await asyncio.to_thread(self.registry.get_dataset, request.ref)
+        return registry_pb2.GetDatasetResponse(dataset=dataset_to_proto(view))
+
+    async def ListDatasets(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        views, token = await asyncio.to_thread(
+            self.registry.list_datasets, request.name_prefix, request.page_size, request.page_token
+        )
+        return registry_pb2.ListDatasetsResponse(datasets=[dataset_to_proto(v) for v in views], next_page_token=token)
+
+    async def RecordRun(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        run = request.run
+        view = await asyncio.to_thread(
+            self.registry.record_run,
+            {
+                "id": run.id,
+                "experiment": run.experiment,
+                "name": run.name,
+                "params": dict(run.params),
+                "metrics": dict(run.metrics),
+                "git_repo": run.git.repo,
+                "git_branch": run.git.branch,
+                "git_commit": run.git.commit,
+                "datasets": list(run.datasets),
+                "status": run.status,
+                "started_at": seconds(run.started_at, run.HasField("started_at")),
+                "ended_at": seconds(run.ended_at, run.HasField("ended_at")),
+            },
+            actor_of(context),
+        )
+        return registry_pb2.RecordRunResponse(run=run_to_proto(view))
+
+    async def GetRun(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        view = await asyncio.to_thread(self.registry.get_run, request.id)
+        return registry_pb2.GetRunResponse(run=run_to_proto(view))
+
+    async def ListAuditEntries(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        entries, token = await asyncio.to_thread(
+            self.registry.list_audit,
+            resource_prefix=request.resource_prefix,
+            actor=request.actor,
+            action=request.action,
+            since=seconds(request.since, request.HasField("since")),
+            until=seconds(request.until, request.HasField("until")),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return registry_pb2.ListAuditEntriesResponse(
+            entries=[
+                registry_pb2.AuditEntry(
+                    id=entry.id or 0,
+                    at=timestamp(entry.at),
+                    actor=entry.actor,
+                    action=entry.action,
+                    resource=entry.resource,
+                    reason=entry.reason,
+                    details_json=entry.details,
+                )
+                for entry in entries
+            ],
+            next_page_token=token,
+        )
