@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import Column, Index, LargeBinary, delete, update
+from sqlalchemy import Column, Index, LargeBinary, delete, func, update
 from sqlalchemy import event as sqlalchemy_event
 from sqlmodel import Field, Session, SQLModel, col, select
 
@@ -205,4 +205,4 @@ def _headers(row: OutboxEvent) -> dict[str, str]:
 def pending_count(database: Database) -> int:
     """How many events wait to be published."""
     with database.session() as session:
-        return len(session.exec(select(OutboxEvent.id).where(col(OutboxEvent.sent_at).is_(None))).all())
+        return session.exec(select(func.count()).where(col(OutboxEvent.sent_at).is_(None))).one()

@@ -9,7 +9,8 @@ from services._proto.mlmesh.v1 import registry_pb2, registry_pb2_grpc
 from services.common.blobs import BlobStore
 from services.common.db import Database
 from services.common.outbox import Outbox
-from services.common.server import ServiceRuntime, build_server as build_grpc_server
+from services.common.server import ServiceRuntime
+from services.common.server import build_server as build_grpc_server
 from services.registry.domain import Registry
 from services.registry.models import TABLES, create_tables
 from services.registry.servicer import RegistryServicer

@@ -1,0 +1,175 @@
+"""Fixtures that start real parts: nats-server, PostgreSQL databases, gRPC servers on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import create_engine, text
+
+from services._proto.mlmesh.v1 import registry_pb2_grpc
+from services.common import natsserver
+from services.common.settings import MeshSettings
+from services.registry.main import build
+from services.registry.settings import RegistrySettings
+
+ROOT = Path(__file__).resolve().parents[1]
+MESH = MeshSettings()
+
+
+def missing_part(reason: str) -> None:
+    """Skip for a real part that is not here, or fail when CI demands every part."""
+    if MESH.require_all:
+        pytest.fail(f"required part missing: {reason}")
+    pytest.skip(reason)
+
+
+@dataclass
+class NatsServer:
+    """A real nats-server with JetStream on a free port and its own store; can stop and restart."""
+
+    port: int
+    store: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = natsserver.start(self.store, self.port, self.store.parent / "nats.log")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(port=natsserver.free_port(), store=tmp_path / "nats" / "store")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    admin_url = MESH.postgres_admin_url
+    name = f"mlmesh_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as error:  # no server: skip (or fail in CI)
+        admin.dispose()
+        missing_part(f"PostgreSQL at {admin_url} is not reachable: {error}")
+    base = admin_url.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with admin.connect() as connection:
+        connection.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name}
+        )
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Runs the test on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def registry_settings(tmp_path: Path, database_url: str) -> RegistrySettings:
+    return RegistrySettings(
+        home=tmp_path / "home",
+        port=0,
+        database_url=database_url,
+        blob_sweep_grace_seconds=3600,
+    )
+
+
+@dataclass
+class RunningRegistry:
+    runtime: object
+    address: str
+    channel: grpc.aio.Channel
+    stub: registry_pb2_grpc.RegistryServiceStub
+
+
+@contextlib.asynccontextmanager
+async def running_registry(settings: RegistrySettings) -> AsyncIterator[RunningRegistry]:
+    """The registry's real gRPC server (and relay, when settings name NATS) in this process."""
+    runtime = build(settings)
+    task = asyncio.create_task(runtime.run())
+    address = f"127.0.0.1:{runtime.port}"
+    channel = grpc.aio.insecure_channel(address)
+    await asyncio.wait_for(channel.channel_ready(), 10)
+    try:
+        yield RunningRegistry(runtime, address, channel, registry_pb2_grpc.RegistryServiceStub(channel))
+    finally:
+        await channel.close()
+        await runtime.server.stop(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture
+async def registry(registry_settings: RegistrySettings) -> AsyncIterator[RunningRegistry]:
+    async with running_registry(registry_settings) as running:
+        yield running
+
+
+@pytest.fixture
+async def registry_with_events(
+    registry_settings: RegistrySettings, nats_server: NatsServer
+) -> AsyncIterator[RunningRegistry]:
+    settings = registry_settings.model_copy(update={"nats_url": nats_server.url})
+    async with running_registry(settings) as running:
+        yield running
+
+
+def spawn_registry(
+    home: Path, port: int, nats_url: str | None = None, database_url: str = ""
+) -> subprocess.Popen[bytes]:
+    """The registry as its own process, as `mlmesh up` runs it."""
+    env = {
+        **os.environ,
+        "MLMESH_HOME": str(home),
+        "MLMESH_REGISTRY_PORT": str(port),
+        "MLMESH_REGISTRY_DATABASE_URL": database_url,
+    }
+    env.pop("MLMESH_NATS_URL", None)
+    if nats_url:
+        env["MLMESH_NATS_URL"] = nats_url
+    home.mkdir(parents=True, exist_ok=True)
+    log = (home / "registry.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.registry"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    natsserver.wait_for_port(port, timeout=30)
+    return process
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI (MLMESH_REQUIRE_ALL=1) a skipped test is a failure: every part must be there."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if MESH.require_all and skipped:
+        reporter.write_line(f"MLMESH_REQUIRE_ALL=1: {skipped} test(s) were skipped; failing the run", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,138 @@
+"""The registry as its own process with a real nats-server: outages, kills, and the event format."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+
+import grpc
+import nats
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent as SdkCloudEvent
+from faststream.nats import NatsBroker
+
+from services._proto.mlmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from services.common import bus, events, natsserver
+from services.common.bus import ParkedEvent, ProcessedEvent
+from services.common.db import Database
+from tests.common.test_outbox import wait_until
+from tests.conftest import spawn_registry
+from tests.registry.uploads import model_upload
+
+
+def stub_for(port: int) -> tuple[grpc.Channel, registry_pb2_grpc.RegistryServiceStub]:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=20)
+    return channel, registry_pb2_grpc.RegistryServiceStub(channel)
+
+
+def stop(process) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+
+
+async def test_events_registered_while_nats_is_down_all_arrive_once_after_it_returns(tmp_path, nats_server):
+    port = natsserver.free_port()
+    process = spawn_registry(tmp_path / "home", port, nats_server.url)
+    channel, stub = stub_for(port)
+    try:
+        nats_server.stop()
+        for _ in range(1000):
+            stub.RegisterModelVersion(model_upload("fraud", [("m.bin", b"weights")]))
+        nats_server.start()
+
+        database = Database(f"sqlite:///{tmp_path / 'consumer.db'}", [ProcessedEvent, ParkedEvent])
+        database.create_tables()
+        received: Counter[int] = Counter()
+
+        async def on_registered(event: events.CloudEvent) -> None:
+            received[event.data["version"]] += 1
+
+        broker = NatsBroker(nats_server.url)
+        bus.subscribe_events(
+            broker, database, durable="outage-test", handler=on_registered, subject="mlmesh.events.model.registered"
+        )
+        await broker.start()
+        try:
+            await wait_until(lambda: len(received) == 1000, timeout=90)
+            await asyncio.sleep(1)
+        finally:
+            await broker.stop()
+        assert sorted(received) == list(range(1, 1001))
+        assert set(received.values()) == {1}
+    finally:
+        channel.close()
+        stop(process)
+
+
+def test_a_registry_killed_mid_upload_leaves_no_version_and_keeps_numbering(tmp_path):
+    home = tmp_path / "home"
+    port = natsserver.free_port()
+    process = spawn_registry(home, port)
+    channel, stub = stub_for(port)
+    stub.RegisterModelVersion(model_upload("fraud", [("m.bin", b"v1")]))
+
+    def slow_upload():
+        yield registry_pb2.RegisterModelVersionRequest(metadata=registry_pb2.ModelVersionMetadata(name="fraud"))
+        yield registry_pb2.RegisterModelVersionRequest(
+            file=common_pb2.FileChunk(header=common_pb2.FileHeader(path="big.bin"))
+        )
+        for _ in range(200):
+            yield registry_pb2.RegisterModelVersionRequest(file=common_pb2.FileChunk(data=b"x" * 65536))
+            time.sleep(0.02)
+
+    upload = stub.RegisterModelVersion.future(slow_upload())
+    deadline = time.monotonic() + 20
+    while not list((home / "blobs" / "registry" / "tmp").glob("upload-*")):
+        assert time.monotonic() < deadline, "the upload never started writing"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(10)
+    try:
+        upload.result(timeout=10)
+        raise AssertionError("the upload cannot have succeeded")
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+    channel.close()
+
+    process = spawn_registry(home, port)
+    channel, stub = stub_for(port)
+    try:
+        versions = stub.SearchModelVersions(
+            registry_pb2.SearchModelVersionsRequest(name_prefix="fraud", include_archived=True)
+        )
+        assert [v.version for v in versions.model_versions] == [1]
+        assert stub.RegisterModelVersion(model_upload("fraud", [("m.bin", b"v2")])).model_version.version == 2
+    finally:
+        channel.close()
+        stop(process)
+
+
+async def test_events_on_the_stream_are_cloudevents_the_sdk_reads(tmp_path, nats_server):
+    port = natsserver.free_port()
+    process = spawn_registry(tmp_path / "home", port, nats_server.url)
+    channel, stub = stub_for(port)
+    try:
+        stub.RegisterModelVersion(model_upload("fraud", [("m.bin", b"w")], tags={"team": "risk"}))
+        connection = await nats.connect(nats_server.url)
+        subscription = await connection.jetstream().subscribe("mlmesh.events.model.registered", ordered_consumer=True)
+        message = await subscription.next_msg(timeout=20)
+        await connection.close()
+    finally:
+        channel.close()
+        stop(process)
+    assert message.headers["Content-Type"] == "application/cloudevents+json"
+    event = JSONFormat().read(SdkCloudEvent, message.data)
+    attributes = event.get_attributes()
+    assert attributes["specversion"] == "1.0"
+    assert attributes["type"] == "io.mlmesh.model.registered.v1"
+    assert attributes["source"] == "/mlmesh/registry"
+    assert attributes["subject"] == "models/fraud/versions/1"
+    assert attributes["id"] == message.headers["Nats-Msg-Id"]
+    assert attributes["id"][14] == "7"  # UUIDv7
+    data = event.get_data()
+    assert (data["name"], data["version"], data["tags"]) == ("fraud", 1, {"team": "risk"})
