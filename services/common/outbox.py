@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import Column, Index, LargeBinary, delete, func, update
@@ -108,6 +109,7 @@ class Relay:
         self.publish_timeout = publish_timeout
         self.published = 0
         self._next_prune = 0.0
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-relay")
 
     async def run(self) -> None:
         """Run until cancelled."""
@@ -132,56 +134,60 @@ class Relay:
                 if moved < self.batch_size:
                     await self.outbox.wait(self.poll_seconds)
         finally:
-            await connection.drain()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 2)
 
     async def drain(self, jetstream: Any) -> int:
         """Publish one batch of pending events; return how many were marked sent."""
         session = self.database.session()
         try:
-            query = (
-                select(OutboxEvent)
-                .where(col(OutboxEvent.sent_at).is_(None))
-                .order_by(col(OutboxEvent.created_at))
-                .limit(self.batch_size)
-            )
-            if not self.database.is_sqlite:
-                # Hold the claim (row locks) while publishing so no other relay takes these rows.
-                query = query.with_for_update(skip_locked=True)
-            rows = await asyncio.to_thread(lambda: list(session.exec(query).all()))
+            rows = await self._in_relay_thread(self._claim, session)
             if not rows:
-                session.rollback()
                 return 0
             results = await asyncio.gather(
                 *(jetstream.publish(row.subject, row.payload, headers=_headers(row)) for row in rows),
                 return_exceptions=True,
             )
             sent = [row.id for row, result in zip(rows, results, strict=True) if not isinstance(result, BaseException)]
-            failed = [result for result in results if isinstance(result, BaseException)]
-
-            def mark() -> None:
-                if sent:
-                    session.execute(
-                        update(OutboxEvent).where(col(OutboxEvent.id).in_(sent)).values(sent_at=time.time())
-                    )
-                session.commit()
-
-            if self.database.is_sqlite:
-                session.rollback()  # end the read; the write below takes its own lock
-                await asyncio.to_thread(self._mark_sent, sent)
-            else:
-                await asyncio.to_thread(mark)
+            await self._in_relay_thread(self._mark_sent, session, sent)
             self.published += len(sent)
+            failed = [result for result in results if isinstance(result, BaseException)]
             if failed:
                 raise failed[0]
             return len(sent)
         finally:
-            session.close()
+            # Queued behind any database work still running, even when this task was cancelled.
+            self._thread.submit(session.close)
 
-    def _mark_sent(self, ids: list[str]) -> None:
-        if not ids:
+    async def _in_relay_thread(self, function: Any, *args: Any) -> Any:
+        """Database work runs in the relay's one thread: off the event loop, one session at a time."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+
+    def _claim(self, session: Session) -> list[OutboxEvent]:
+        query = (
+            select(OutboxEvent)
+            .where(col(OutboxEvent.sent_at).is_(None))
+            .order_by(col(OutboxEvent.created_at))
+            .limit(self.batch_size)
+        )
+        if self.database.is_sqlite:
+            rows = list(session.exec(query).all())
+            session.rollback()  # end the read; marking takes SQLite's write lock only briefly
+            return rows
+        # PostgreSQL: the row locks are the claim, held while publishing, so that no other
+        # relay on the same database takes these rows.
+        return list(session.exec(query.with_for_update(skip_locked=True)).all())
+
+    def _mark_sent(self, session: Session, ids: list[str]) -> None:
+        mark = update(OutboxEvent).where(col(OutboxEvent.id).in_(ids)).values(sent_at=time.time())
+        if self.database.is_sqlite:
+            if ids:
+                with self.database.transaction() as writer:
+                    writer.execute(mark)
             return
-        with self.database.transaction() as session:
-            session.execute(update(OutboxEvent).where(col(OutboxEvent.id).in_(ids)).values(sent_at=time.time()))
+        if ids:
+            session.execute(mark)
+        session.commit()  # releases the claim on rows that failed to publish, too
 
     async def prune_if_due(self) -> None:
         now = time.time()

@@ -1,0 +1,23 @@
+"""Trace context travels from a gRPC call through the outbox to the NATS message."""
+
+from __future__ import annotations
+
+import nats
+
+from tests.registry.uploads import model_upload
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+async def test_traceparent_flows_from_grpc_metadata_to_the_event_headers(registry_with_events, nats_server):
+    caller = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+    await registry_with_events.stub.RegisterModelVersion(
+        model_upload("traced", [("m", b"x")]), metadata=[("traceparent", caller)]
+    )
+    connection = await nats.connect(nats_server.url)
+    subscription = await connection.jetstream().subscribe("mlmesh.events.model.registered", ordered_consumer=True)
+    message = await subscription.next_msg(timeout=20)
+    await connection.close()
+    version, trace_id, span_id, flags = message.headers["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", TRACE_ID, "01")
+    assert span_id != "00f067aa0ba902b7"  # the registry's own span, a child of the caller's
