@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, SQLModel
 
+from services.common import telemetry
 from services.common.db import Database
 from services.common.events import DUPLICATE_WINDOW_SECONDS, STREAM, SUBJECTS, CloudEvent
 
@@ -158,7 +159,8 @@ def subscribe_events(
             await message.ack()
             return
         try:
-            await handler(event)
+            with telemetry.messaging_span("process", message.raw_message.subject, message.headers):
+                await handler(event)
         except Exception as error:
             deliveries = message.raw_message.metadata.num_delivered or 1
             if deliveries >= max_deliver:

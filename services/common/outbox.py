@@ -144,10 +144,7 @@ class Relay:
             rows = await self._in_relay_thread(self._claim, session)
             if not rows:
                 return 0
-            results = await asyncio.gather(
-                *(jetstream.publish(row.subject, row.payload, headers=_headers(row)) for row in rows),
-                return_exceptions=True,
-            )
+            results = await asyncio.gather(*(self._publish(jetstream, row) for row in rows), return_exceptions=True)
             sent = [row.id for row, result in zip(rows, results, strict=True) if not isinstance(result, BaseException)]
             await self._in_relay_thread(self._mark_sent, session, sent)
             self.published += len(sent)
@@ -158,6 +155,13 @@ class Relay:
         finally:
             # Queued behind any database work still running, even when this task was cancelled.
             self._thread.submit(session.close)
+
+    async def _publish(self, jetstream: Any, row: OutboxEvent) -> Any:
+        headers = json.loads(row.headers)
+        with telemetry.messaging_span("send", row.subject, headers):
+            headers.update(telemetry.inject_headers())  # the send span becomes the consumer's parent
+            headers["Nats-Msg-Id"] = row.id
+            return await jetstream.publish(row.subject, row.payload, headers=headers)
 
     async def _in_relay_thread(self, function: Any, *args: Any) -> Any:
         """Database work runs in the relay's one thread: off the event loop, one session at a time."""
@@ -202,10 +206,6 @@ class Relay:
             session.execute(
                 delete(OutboxEvent).where(col(OutboxEvent.sent_at).is_not(None), col(OutboxEvent.sent_at) < before)
             )
-
-
-def _headers(row: OutboxEvent) -> dict[str, str]:
-    return {**json.loads(row.headers), "Nats-Msg-Id": row.id}
 
 
 def pending_count(database: Database) -> int:

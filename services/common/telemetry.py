@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -34,3 +35,18 @@ def inject_headers() -> dict[str, str]:
 def extract_context(carrier: Mapping[str, str]) -> context.Context:
     """The trace context carried by headers or gRPC metadata."""
     return propagate.extract(dict(carrier))
+
+
+def messaging_span(operation: str, subject: str, headers: Mapping[str, str] | None = None) -> Any:
+    """A span for sending, receiving or processing a NATS message, continuing `headers`' trace."""
+    kind = trace.SpanKind.PRODUCER if operation == "send" else trace.SpanKind.CONSUMER
+    return tracer("mlmesh.messaging").start_as_current_span(
+        f"{operation} {subject}",
+        context=extract_context(headers or {}),
+        kind=kind,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.destination.name": subject,
+            "messaging.operation.type": operation,
+        },
+    )
