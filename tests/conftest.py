@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from sqlalchemy import create_engine, text
 from services._proto.mlmesh.v1 import registry_pb2_grpc
 from services.common import natsserver
 from services.common.settings import MeshSettings
+from services.launcher import health_status
 from services.registry.main import build
 from services.registry.settings import RegistrySettings
 
@@ -144,17 +146,48 @@ async def registry_with_events(
         yield running
 
 
+def clean_environment() -> dict[str, str]:
+    """This process's environment without MLMESH_* values that would leak into a child."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("MLMESH_")}
+
+
+@dataclass
+class RegistryProcess:
+    address: str
+    nats_url: str
+    home: Path
+
+
+@pytest.fixture(scope="module")
+def registry_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    """`python -m services.registry` on a free port, publishing to its own nats-server (per module)."""
+    home = tmp_path_factory.mktemp("registry-home")
+    nats = NatsServer(port=natsserver.free_port(), store=home / "nats" / "store")
+    nats.start()
+    port = natsserver.free_port()
+    service = spawn_registry(home, port, nats.url)
+    try:
+        yield RegistryProcess(f"127.0.0.1:{port}", nats.url, home)
+    finally:
+        service.terminate()
+        try:
+            service.wait(10)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait()
+        nats.stop()
+
+
 def spawn_registry(
     home: Path, port: int, nats_url: str | None = None, database_url: str = ""
 ) -> subprocess.Popen[bytes]:
     """The registry as its own process, as `mlmesh up` runs it."""
     env = {
-        **os.environ,
+        **clean_environment(),
         "MLMESH_HOME": str(home),
         "MLMESH_REGISTRY_PORT": str(port),
         "MLMESH_REGISTRY_DATABASE_URL": database_url,
     }
-    env.pop("MLMESH_NATS_URL", None)
     if nats_url:
         env["MLMESH_NATS_URL"] = nats_url
     home.mkdir(parents=True, exist_ok=True)
@@ -162,7 +195,13 @@ def spawn_registry(
     process = subprocess.Popen(
         [sys.executable, "-m", "services.registry"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
     )
-    natsserver.wait_for_port(port, timeout=30)
+    health = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while health_status(health, "mlmesh.v1.RegistryService", timeout=1) != "SERVING":
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the registry did not start:\n{(home / 'registry.log').read_text()}")
+        time.sleep(0.1)
     return process
 
 

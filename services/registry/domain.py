@@ -1077,16 +1077,15 @@ class Upload:
             return
         writer, path = self._writer, self._path
         self._writer = self._path = None
-        if writer.size == 0:
-            writer.discard()
-            raise InvalidArgument(f"file {path!r} is empty", field="files")
-        digest = writer.commit()
+        digest = writer.commit()  # empty files are fine (__init__.py); an all-empty version is not
         self.files[path] = (writer.size, digest)
 
     def finish(self) -> VersionView:
         self._close_file()
         if not self.files:
             raise InvalidArgument("a model version needs at least one file", field="files")
+        if self.total == 0:
+            raise InvalidArgument("every file of this version is empty; upload the model's content", field="files")
         view = self.registry._commit_version(self)
         self.registry.blobs.unpin(digest for _, digest in self.files.values())
         self.files = {}

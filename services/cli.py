@@ -1,0 +1,994 @@
+"""The `mlmesh` command: run the mesh locally and manage models, datasets, runs and events.
+
+Every command takes `--json` for machine-readable output. Exit codes: 0 success, 1 the server
+(or a local check) refused the request, 2 bad usage or the registry cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from importlib import metadata as package_metadata
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from services import launcher
+from services._proto.mlmesh.v1 import registry_pb2
+from services.client import MeshError, RegistryClient
+from services.client import Progress as ProgressCallback
+from services.common import events
+from services.common.settings import MeshSettings
+
+console = Console(highlight=False)
+error_console = Console(stderr=True, highlight=False)
+
+app = typer.Typer(
+    name="mlmesh",
+    help="mlmesh: register, version and ship machine-learning models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Register, find, download, tag, alias, archive and delete model versions.")
+alias_app = typer.Typer(help="Move and remove aliases such as `champion` (a model reference `name@alias`).")
+datasets_app = typer.Typer(help="Register and inspect datasets (CSV or Parquet, summarised per column).")
+runs_app = typer.Typer(help="Record and inspect training runs that model versions point to.")
+audit_app = typer.Typer(help="Read the audit log: who changed what, when and why.")
+events_app = typer.Typer(help="Watch the lifecycle events that the mesh publishes on NATS.")
+app.add_typer(models_app, name="models", no_args_is_help=True)
+models_app.add_typer(alias_app, name="alias", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets", no_args_is_help=True)
+app.add_typer(runs_app, name="runs", no_args_is_help=True)
+app.add_typer(audit_app, name="audit", no_args_is_help=True)
+app.add_typer(events_app, name="events", no_args_is_help=True)
+
+
+class CliSettings(MeshSettings):
+    """What the CLI reads from the environment, beside the mesh-wide MLMESH_* settings."""
+
+    registry_address: str = ""
+    """host:port of the registry (MLMESH_REGISTRY_ADDRESS); empty means the running local mesh."""
+
+
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="host:port of the registry. Default: MLMESH_REGISTRY_ADDRESS, else the mesh that "
+        "`mlmesh up` started in MLMESH_HOME, else 127.0.0.1:MLMESH_REGISTRY_PORT (50051).",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why; kept in the audit log and the event.")]
+TagOption = Annotated[
+    list[str] | None, typer.Option("--tag", help="A tag as key=value; repeat for more.", show_default=False)
+]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print `error: message` in red on stderr and exit with `code`."""
+    error_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def registry_address(explicit: str | None) -> str:
+    """--address, else MLMESH_REGISTRY_ADDRESS, else the local mesh's registry, else the default port."""
+    if explicit:
+        return explicit
+    settings = CliSettings()
+    if settings.registry_address:
+        return settings.registry_address
+    state = launcher.read_state(settings.home.resolve())
+    if state and "registry" in state.services:
+        return state.services["registry"].address
+    return launcher.default_address("registry")
+
+
+@contextmanager
+def registry(address: str | None) -> Iterator[RegistryClient]:
+    """A client of the registry; turns failures into a red message and an exit code."""
+    resolved = registry_address(address)
+    try:
+        with RegistryClient(resolved, CliSettings().actor or None) as client:
+            yield client
+    except MeshError as error:
+        if error.unreachable:
+            fail(f"cannot reach the registry at {resolved}; start it with `mlmesh up`", 2)
+        fail(error.message)
+    except (ValueError, OSError) as error:  # local problems: a missing file, a clashing name
+        fail(str(error))
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    """A proto message as JSON-ready data, with proto field names and 64-bit ints as numbers."""
+    return MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        unquote_int64_if_possible=True,
+    )
+
+
+def print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2))
+
+
+def parse_pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    """["k=v", ...] -> {"k": "v"}; a value may itself contain '='."""
+    pairs: dict[str, str] = {}
+    for value in values or []:
+        key, separator, text = value.partition("=")
+        if not separator or not key:
+            raise typer.BadParameter(f"{value!r} is not key=value", param_hint=option)
+        pairs[key] = text
+    return pairs
+
+
+_RELATIVE_TIME = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(text: str | None, option: str) -> datetime | None:
+    """ISO 8601 (`2025-03-01`, `2025-03-01T12:00:00Z`; local time when no zone) or an age (`30m`, `2d`)."""
+    if not text:
+        return None
+    relative = _RELATIVE_TIME.fullmatch(text.strip())
+    if relative:
+        return datetime.now(UTC) - timedelta(seconds=float(relative[1]) * _UNIT_SECONDS[relative[2]])
+    try:
+        return datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is neither an ISO 8601 time (2025-03-01T12:00:00Z) nor an age (30m, 2h, 7d)",
+            param_hint=option,
+        ) from None
+
+
+def when(value: Timestamp) -> str:
+    if not value.seconds and not value.nanos:
+        return "-"
+    return value.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def human_size(size: int) -> str:
+    amount = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if amount < 1024 or unit == "GiB":
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1024
+    return f"{size} B"
+
+
+def status_name(status: int) -> str:
+    return registry_pb2.ModelVersionStatus.Name(status).removeprefix("MODEL_VERSION_STATUS_")
+
+
+def format_tags(tags: Any) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(tags.items())) or "-"
+
+
+def format_tensors(tensors: Any) -> str:
+    return ", ".join(f"{t.name}: {t.datatype}[{', '.join(str(d) for d in t.shape)}]" for t in tensors) or "-"
+
+
+@contextmanager
+def transfer_progress(description: str, enabled: bool) -> Iterator[ProgressCallback | None]:
+    """A rich progress bar on stderr, fed by the SDK's (done, total) callback; None when disabled."""
+    if not enabled:
+        yield None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=error_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield advance
+
+
+def new_table(*headers: str, **options: Any) -> Table:
+    """A table whose cells wrap instead of being cut: ids and hashes must stay whole."""
+    table = Table(**options)
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    return table
+
+
+def show_version(version: registry_pb2.ModelVersion) -> None:
+    """A model version as a key/value sheet followed by its files."""
+    sheet = Table.grid(padding=(0, 2))
+    sheet.add_column(style="bold")
+    sheet.add_column()
+    lineage = version.lineage
+    rows = [
+        ("model", f"{version.name}:{version.version}"),
+        ("status", status_name(version.status)),
+        ("framework", version.framework or "-"),
+        ("aliases", ", ".join(version.aliases) or "-"),
+        ("tags", format_tags(version.tags)),
+        ("description", version.description or "-"),
+        ("created", f"{when(version.created_at)} by {version.created_by or '-'}"),
+        ("updated", when(version.updated_at)),
+        ("inputs", format_tensors(version.signature.inputs)),
+        ("outputs", format_tensors(version.signature.outputs)),
+        ("run", lineage.run_id or "-"),
+        ("git", " ".join(filter(None, [lineage.git.repo, lineage.git.branch, lineage.git.commit])) or "-"),
+        ("datasets", ", ".join(lineage.datasets) or "-"),
+        ("used by", ", ".join(version.used_by) or "-"),
+    ]
+    for key, value in rows:
+        sheet.add_row(key, escape(value))
+    console.print(sheet)
+    files = new_table("path", "size", "sha256", title="files", title_justify="left")
+    for file in version.files:
+        files.add_row(escape(file.path), human_size(file.size), file.sha256[:16])
+    console.print(files)
+
+
+def versions_table(versions: list[registry_pb2.ModelVersion]) -> Table:
+    table = new_table("model", "status", "framework", "aliases", "tags", "created")
+    for version in versions:
+        table.add_row(
+            escape(f"{version.name}:{version.version}"),
+            status_name(version.status),
+            version.framework,
+            escape(", ".join(version.aliases)),
+            escape(format_tags(version.tags)),
+            when(version.created_at),
+        )
+    return table
+
+
+# ---------------------------------------------------------------- the mesh
+
+
+@app.command()
+def up(
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Start in the background and return.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Start NATS and every service locally, with their data under MLMESH_HOME.
+
+    Without --detach it stays in the foreground and stops everything on Ctrl-C.
+    Logs go to MLMESH_HOME/logs; set MLMESH_NATS_URL to use an existing NATS instead.
+    """
+    settings = MeshSettings()
+
+    def say(line: str) -> None:
+        (error_console if as_json else console).print(escape(line), soft_wrap=True)
+
+    def ready(state: launcher.MeshState) -> None:
+        if as_json:
+            print_json(json.loads(state.to_json()))
+
+    try:
+        launcher.up(settings.home, detach=detach, nats_url=settings.nats_url, say=say, on_ready=ready)
+    except launcher.LaunchError as error:
+        fail(str(error))
+    if detach and not as_json:
+        console.print("mlmesh is up in the background; stop it with `mlmesh down`")
+
+
+@app.command()
+def down(as_json: JsonOption = False) -> None:
+    """Stop the services and NATS that `mlmesh up` started in MLMESH_HOME."""
+    home = MeshSettings().home
+    stopped = launcher.down(home, say=(lambda _line: None) if as_json else console.print)
+    if as_json:
+        print_json({"home": str(home.resolve()), "stopped": stopped})
+
+
+@app.command()
+def status(as_json: JsonOption = False) -> None:
+    """Show NATS and each service with its address and health (SERVING, NOT_SERVING, UNREACHABLE, STOPPED)."""
+    report = launcher.status(MeshSettings().home)
+    if as_json:
+        print_json(report)
+        return
+    console.print(f"home  {escape(report['home'])}")
+    console.print(f"nats  {escape(report['nats_url'] or '- (not started by mlmesh up)')}")
+    colours = {"SERVING": "green", "NOT_SERVING": "yellow", "UNREACHABLE": "red", "STOPPED": "dim"}
+    table = new_table("service", "address", "status", "pid")
+    for name, service in report["services"].items():
+        colour = colours.get(service["status"], "white")
+        table.add_row(name, service["address"], f"[{colour}]{service['status']}[/{colour}]", str(service["pid"] or "-"))
+    console.print(table)
+
+
+@app.command()
+def serve(
+    service: Annotated[str, typer.Argument(help=f"Which service to run: {', '.join(launcher.SERVICES)}.")],
+) -> None:
+    """Run one service in the foreground (what `mlmesh up` runs per service; for containers)."""
+    try:
+        launcher.serve(service)
+    except launcher.LaunchError as error:
+        fail(str(error), 2)
+
+
+@app.command()
+def version(as_json: JsonOption = False) -> None:
+    """Print the version of mlmesh."""
+    try:
+        number = package_metadata.version("mlmesh")
+    except package_metadata.PackageNotFoundError:
+        number = "0+unknown"
+    if as_json:
+        print_json({"version": number})
+    else:
+        console.print(f"mlmesh {number}")
+
+
+# ---------------------------------------------------------------- models
+
+
+@models_app.command("register")
+def models_register(
+    name: Annotated[str, typer.Argument(help="Model name; the registry assigns the next version number.")],
+    files: Annotated[list[Path], typer.Argument(help="Files or directories (uploaded recursively) of the model.")],
+    tag: TagOption = None,
+    framework: Annotated[
+        str, typer.Option(help="onnx, sklearn, xgboost, lightgbm, pytorch or other; guessed when empty.")
+    ] = "",
+    description: Annotated[str, typer.Option(help="What this version is.")] = "",
+    run_id: Annotated[str, typer.Option("--run-id", help="The training run that produced it.")] = "",
+    experiment: Annotated[str, typer.Option(help="The experiment of that run.")] = "",
+    git_repo: Annotated[str, typer.Option("--git-repo", help="Source repository of the training code.")] = "",
+    git_branch: Annotated[str, typer.Option("--git-branch", help="Branch of the training code.")] = "",
+    git_commit: Annotated[str, typer.Option("--git-commit", help="Commit of the training code.")] = "",
+    dataset: Annotated[
+        list[str] | None, typer.Option("--dataset", help="A training dataset as name:version; repeatable.")
+    ] = None,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Upload a new version of model NAME from FILE... and print it."""
+    lineage = registry_pb2.Lineage(
+        run_id=run_id,
+        experiment=experiment,
+        git=registry_pb2.GitInfo(repo=git_repo, branch=git_branch, commit=git_commit),
+        datasets=dataset or [],
+    )
+    tags = parse_pairs(tag, "--tag")
+    with registry(address) as client, transfer_progress(f"uploading {name}", not as_json) as progress:
+        version = client.register_model(
+            name, files, framework=framework, description=description, tags=tags, lineage=lineage, progress=progress
+        )
+    if as_json:
+        print_json(to_dict(version))
+    else:
+        size = sum(file.size for file in version.files)
+        console.print(
+            f"registered [bold]{escape(version.name)}:{version.version}[/bold] "
+            f"({len(version.files)} files, {human_size(size)}, framework {escape(version.framework or '-')})"
+        )
+
+
+@models_app.command("import-mlflow")
+def models_import_mlflow(
+    directory: Annotated[Path, typer.Argument(help="An MLflow model directory (with its MLmodel file).")],
+    name: Annotated[str, typer.Argument(help="Model name to register it under.")],
+    tag: TagOption = None,
+    description: Annotated[str, typer.Option(help="What this version is.")] = "",
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Register an MLflow model directory; framework, signature and run id come from its MLmodel."""
+    tags = parse_pairs(tag, "--tag")
+    with registry(address) as client, transfer_progress(f"importing {name}", not as_json) as progress:
+        version = client.import_mlflow(directory, name, description=description, tags=tags, progress=progress)
+    if as_json:
+        print_json(to_dict(version))
+    else:
+        console.print(
+            f"imported [bold]{escape(version.name)}:{version.version}[/bold] (framework {escape(version.framework)})"
+        )
+
+
+@models_app.command("list")
+def models_list(
+    name_prefix: Annotated[str, typer.Option("--name-prefix", help="Only models whose name starts so.")] = "",
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List models with their latest version and aliases."""
+    with registry(address) as client:
+        models = list(client.iter_models(name_prefix))
+    if as_json:
+        print_json([to_dict(model) for model in models])
+        return
+    table = new_table("model", "latest", "versions", "aliases", "updated")
+    for model in models:
+        aliases = ", ".join(f"{alias}->{number}" for alias, number in sorted(model.aliases.items()))
+        table.add_row(
+            escape(model.name),
+            str(model.latest_version),
+            str(model.version_count),
+            escape(aliases),
+            when(model.updated_at),
+        )
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(
+    ref: Annotated[str, typer.Argument(help="name:version, name@alias, or name for the latest version.")],
+    at: Annotated[
+        str | None, typer.Option(help="For name@alias: the version the alias named at this time (ISO 8601 or 2d).")
+    ] = None,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one model version: metadata, lineage, signature and files."""
+    moment = parse_time(at, "--at")
+    with registry(address) as client:
+        version = client.get(ref, at=moment)
+    if as_json:
+        print_json(to_dict(version))
+    else:
+        show_version(version)
+
+
+@models_app.command("search")
+def models_search(
+    name_prefix: Annotated[str, typer.Option("--name-prefix", help="Name starts with this.")] = "",
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="key=value, or key to require the tag; repeat to AND.")
+    ] = None,
+    framework: Annotated[str, typer.Option(help="Only this framework.")] = "",
+    alias: Annotated[str, typer.Option(help="Only versions this alias points at now.")] = "",
+    since: Annotated[str | None, typer.Option(help="Created at or after (ISO 8601, or an age: 2h, 7d).")] = None,
+    until: Annotated[str | None, typer.Option(help="Created before (ISO 8601, or an age).")] = None,
+    order_by: Annotated[
+        str, typer.Option("--order-by", help="created_at, -created_at (default), name, -name, version, -version.")
+    ] = "",
+    include_archived: Annotated[bool, typer.Option("--include-archived", help="Include archived versions.")] = False,
+    limit: Annotated[int, typer.Option(help="Show at most this many versions.", min=1)] = 100,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Find model versions by name, tags, framework, alias and creation time."""
+    filters = {
+        "name_prefix": name_prefix,
+        "tags": tag or [],
+        "framework": framework,
+        "alias": alias,
+        "created_after": parse_time(since, "--since"),
+        "created_before": parse_time(until, "--until"),
+        "order_by": order_by,
+        "include_archived": include_archived,
+        "page_size": min(limit, 1000),
+    }
+    with registry(address) as client:
+        versions = []
+        for version in client.iter_search(**filters):
+            versions.append(version)
+            if len(versions) >= limit:
+                break
+    if as_json:
+        print_json([to_dict(version) for version in versions])
+    else:
+        console.print(versions_table(versions))
+
+
+@models_app.command("download")
+def models_download(
+    ref: Annotated[str, typer.Argument(help="name:version, name@alias, or name for the latest version.")],
+    directory: Annotated[Path, typer.Argument(help="Where to write the files (created when missing).")],
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Download a version's files into DIRECTORY, each verified against its sha256."""
+    with registry(address) as client, transfer_progress(f"downloading {ref}", not as_json) as progress:
+        version = client.download(ref, directory, progress=progress)
+    if as_json:
+        print_json({**to_dict(version), "directory": str(directory.resolve())})
+    else:
+        console.print(
+            f"downloaded [bold]{escape(version.name)}:{version.version}[/bold] "
+            f"({len(version.files)} files) to {escape(str(directory))}"
+        )
+
+
+@models_app.command("tag")
+def models_tag(
+    ref: Annotated[str, typer.Argument(help="name:version, name@alias, or name for the latest version.")],
+    pairs: Annotated[list[str] | None, typer.Argument(help="Tags to set, as key=value.", show_default=False)] = None,
+    remove: Annotated[list[str] | None, typer.Option("--remove", help="A tag key to remove; repeatable.")] = None,
+    description: Annotated[str | None, typer.Option(help="Replace the description.")] = None,
+    reason: ReasonOption = "",
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Set or remove tags of a version, or change its description."""
+    set_tags = parse_pairs(pairs, "PAIRS")
+    if not set_tags and not remove and description is None:
+        raise typer.BadParameter("give key=value tags, --remove KEY or --description", param_hint="PAIRS")
+    with registry(address) as client:
+        version = client.update(ref, set_tags=set_tags, remove_tags=remove, description=description, reason=reason)
+    if as_json:
+        print_json(to_dict(version))
+    else:
+        console.print(f"{escape(version.name)}:{version.version} tags: {escape(format_tags(version.tags))}")
+
+
+@alias_app.command("set")
+def alias_set(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias: Annotated[str, typer.Argument(help="Alias, e.g. champion or staging.")],
+    version: Annotated[int, typer.Argument(help="Version number the alias should point at.", min=1)],
+    reason: Annotated[str, typer.Option("--reason", help="Why it moves; kept in the alias history.")],
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Point NAME@ALIAS at VERSION."""
+    with registry(address) as client:
+        response = client.set_alias(name, alias, version, reason)
+    if as_json:
+        print_json(
+            {
+                "name": name,
+                "alias": alias,
+                "version": response.model_version.version,
+                "previous_version": response.previous_version,
+                "model_version": to_dict(response.model_version),
+            }
+        )
+    else:
+        was = f" (was {response.previous_version})" if response.previous_version else " (new)"
+        console.print(f"{escape(name)}@{escape(alias)} -> {response.model_version.version}{was}")
+
+
+@alias_app.command("rm")
+def alias_remove(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias: Annotated[str, typer.Argument(help="Alias to remove.")],
+    reason: ReasonOption = "",
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove NAME@ALIAS."""
+    with registry(address) as client:
+        previous = client.remove_alias(name, alias, reason)
+    if as_json:
+        print_json({"name": name, "alias": alias, "previous_version": previous})
+    else:
+        console.print(f"removed {escape(name)}@{escape(alias)} (it pointed at {previous})")
+
+
+@models_app.command("history")
+def models_history(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias: Annotated[str, typer.Option(help="Only this alias.")] = "",
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show how the model's aliases moved: when, to which version, by whom and why."""
+    with registry(address) as client:
+        changes = client.alias_history(name, alias)
+    if as_json:
+        print_json([to_dict(change) for change in changes])
+        return
+    table = new_table("at", "alias", "version", "actor", "reason")
+    for change in changes:
+        table.add_row(
+            when(change.at),
+            escape(change.alias),
+            str(change.version) if change.version else "[dim]removed[/dim]",
+            escape(change.actor),
+            escape(change.reason),
+        )
+    console.print(table)
+
+
+@models_app.command("archive")
+def models_archive(
+    ref: Annotated[str, typer.Argument(help="name:version or name@alias.")],
+    reason: ReasonOption = "",
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Archive a version: it stays downloadable but leaves default searches."""
+    with registry(address) as client:
+        version = client.archive(ref, reason)
+    if as_json:
+        print_json(to_dict(version))
+    else:
+        console.print(f"archived {escape(version.name)}:{version.version}")
+
+
+@models_app.command("delete")
+def models_delete(
+    ref: Annotated[str, typer.Argument(help="name:version or name@alias.")],
+    reason: ReasonOption = "",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete a version and its files for good (refused while a deployment uses it)."""
+    if not yes:
+        typer.confirm(f"Delete {ref} and its files for good?", abort=True, err=True)
+    with registry(address) as client:
+        client.delete(ref, reason)
+    if as_json:
+        print_json({"ref": ref, "deleted": True})
+    else:
+        console.print(f"deleted {escape(ref)}")
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def show_dataset(dataset: registry_pb2.Dataset) -> None:
+    sheet = Table.grid(padding=(0, 2))
+    sheet.add_column(style="bold")
+    sheet.add_column()
+    for key, value in [
+        ("dataset", f"{dataset.name}:{dataset.version}"),
+        ("format", dataset.format),
+        ("file", f"{dataset.file.path} ({human_size(dataset.file.size)})"),
+        ("rows", str(dataset.row_count)),
+        ("fingerprint", dataset.fingerprint),
+        ("tags", format_tags(dataset.tags)),
+        ("description", dataset.description or "-"),
+        ("created", f"{when(dataset.created_at)} by {dataset.created_by or '-'}"),
+    ]:
+        sheet.add_row(key, escape(value))
+    console.print(sheet)
+    columns = new_table(
+        "column", "type", "nulls", "min", "max", "mean", "distinct", title="columns", title_justify="left"
+    )
+    for column in dataset.columns:
+
+        def number(field: str, column: registry_pb2.ColumnSummary = column) -> str:
+            return f"{getattr(column, field):.4g}" if column.HasField(field) else ""
+
+        columns.add_row(
+            escape(column.name),
+            column.type,
+            str(column.null_count),
+            number("min"),
+            number("max"),
+            number("mean"),
+            str(column.distinct_count or ""),
+        )
+    console.print(columns)
+
+
+@datasets_app.command("register")
+def datasets_register(
+    name: Annotated[str, typer.Argument(help="Dataset name; the registry assigns the next version.")],
+    file: Annotated[Path, typer.Argument(help="One CSV or Parquet file.")],
+    file_format: Annotated[str, typer.Option("--format", help="csv or parquet; guessed from the file name.")] = "",
+    description: Annotated[str, typer.Option(help="What the data is.")] = "",
+    tag: TagOption = None,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Upload FILE as the next version of dataset NAME; the registry summarises every column."""
+    tags = parse_pairs(tag, "--tag")
+    with registry(address) as client, transfer_progress(f"uploading {name}", not as_json) as progress:
+        dataset = client.register_dataset(name, file, file_format, description, tags, progress)
+    if as_json:
+        print_json(to_dict(dataset))
+    else:
+        console.print(
+            f"registered dataset [bold]{escape(dataset.name)}:{dataset.version}[/bold] "
+            f"({dataset.row_count} rows, {len(dataset.columns)} columns)"
+        )
+
+
+@datasets_app.command("list")
+def datasets_list(
+    name_prefix: Annotated[str, typer.Option("--name-prefix", help="Only datasets whose name starts so.")] = "",
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List dataset versions."""
+    with registry(address) as client:
+        datasets = list(client.iter_datasets(name_prefix))
+    if as_json:
+        print_json([to_dict(dataset) for dataset in datasets])
+        return
+    table = new_table("dataset", "format", "rows", "size", "created")
+    for dataset in datasets:
+        table.add_row(
+            escape(f"{dataset.name}:{dataset.version}"),
+            dataset.format,
+            str(dataset.row_count),
+            human_size(dataset.file.size),
+            when(dataset.created_at),
+        )
+    console.print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(
+    ref: Annotated[str, typer.Argument(help="name:version, or name for the latest version.")],
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a dataset version with its column summaries."""
+    with registry(address) as client:
+        dataset = client.get_dataset(ref)
+    if as_json:
+        print_json(to_dict(dataset))
+    else:
+        show_dataset(dataset)
+
+
+# ---------------------------------------------------------------- runs
+
+
+@runs_app.command("record")
+def runs_record(
+    experiment: Annotated[str, typer.Option(help="Experiment the run belongs to.")] = "",
+    run_id: Annotated[
+        str, typer.Option("--id", help="The run's id (e.g. the training job id); generated if empty.")
+    ] = "",
+    name: Annotated[str, typer.Option(help="A readable name of the run.")] = "",
+    param: Annotated[list[str] | None, typer.Option("--param", help="A parameter as key=value; repeatable.")] = None,
+    metric: Annotated[list[str] | None, typer.Option("--metric", help="A metric as key=number; repeatable.")] = None,
+    run_status: Annotated[str, typer.Option("--status", help="FINISHED, FAILED or KILLED.")] = "FINISHED",
+    git_repo: Annotated[str, typer.Option("--git-repo", help="Source repository.")] = "",
+    git_branch: Annotated[str, typer.Option("--git-branch", help="Branch.")] = "",
+    git_commit: Annotated[str, typer.Option("--git-commit", help="Commit.")] = "",
+    dataset: Annotated[
+        list[str] | None, typer.Option("--dataset", help="A dataset as name:version; repeatable.")
+    ] = None,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Record a finished training run (its params, metrics, code and data)."""
+    metrics: dict[str, float] = {}
+    for key, value in parse_pairs(metric, "--metric").items():
+        try:
+            metrics[key] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{key}={value}: the value is not a number", param_hint="--metric") from None
+    with registry(address) as client:
+        run = client.record_run(
+            run_id=run_id,
+            experiment=experiment,
+            name=name,
+            params=parse_pairs(param, "--param"),
+            metrics=metrics,
+            git=registry_pb2.GitInfo(repo=git_repo, branch=git_branch, commit=git_commit),
+            datasets=dataset or [],
+            status=run_status,
+        )
+    if as_json:
+        print_json(to_dict(run))
+    else:
+        console.print(f"recorded run [bold]{escape(run.id)}[/bold]")
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")],
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a recorded run."""
+    with registry(address) as client:
+        run = client.get_run(run_id)
+    if as_json:
+        print_json(to_dict(run))
+        return
+    sheet = Table.grid(padding=(0, 2))
+    sheet.add_column(style="bold")
+    sheet.add_column()
+    for key, value in [
+        ("run", run.id),
+        ("experiment", run.experiment or "-"),
+        ("name", run.name or "-"),
+        ("status", run.status),
+        ("params", format_tags(run.params)),
+        ("metrics", ", ".join(f"{key}={value:g}" for key, value in sorted(run.metrics.items())) or "-"),
+        ("git", " ".join(filter(None, [run.git.repo, run.git.branch, run.git.commit])) or "-"),
+        ("datasets", ", ".join(run.datasets) or "-"),
+        ("started", when(run.started_at)),
+        ("ended", when(run.ended_at)),
+        ("recorded by", run.created_by),
+    ]:
+        sheet.add_row(key, escape(value))
+    console.print(sheet)
+
+
+# ---------------------------------------------------------------- audit
+
+
+@audit_app.command("list")
+def audit_list(
+    resource: Annotated[str, typer.Option(help="Resource name prefix, e.g. models/fraud.")] = "",
+    actor: Annotated[str, typer.Option(help="Only this actor.")] = "",
+    action: Annotated[str, typer.Option(help="Only this action, e.g. model.alias.set.")] = "",
+    since: Annotated[str | None, typer.Option(help="At or after (ISO 8601, or an age: 2h, 7d).")] = None,
+    until: Annotated[str | None, typer.Option(help="Before (ISO 8601, or an age).")] = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many entries.", min=1)] = 100,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List audit entries: who did what to which resource, and why."""
+    filters = {
+        "resource_prefix": resource,
+        "actor": actor,
+        "action": action,
+        "since": parse_time(since, "--since"),
+        "until": parse_time(until, "--until"),
+        "page_size": min(limit, 1000),
+    }
+    with registry(address) as client:
+        entries = []
+        for entry in client.iter_audit(**filters):
+            entries.append(entry)
+            if len(entries) >= limit:
+                break
+    if as_json:
+        print_json([to_dict(entry) for entry in entries])
+        return
+    table = new_table("at", "actor", "action", "resource", "reason")
+    for entry in entries:
+        table.add_row(when(entry.at), escape(entry.actor), entry.action, escape(entry.resource), escape(entry.reason))
+    console.print(table)
+
+
+# ---------------------------------------------------------------- events
+
+
+def nats_url_for_events(explicit: str | None) -> str:
+    """--nats-url, else MLMESH_NATS_URL, else the NATS of the local mesh, else localhost:4222."""
+    if explicit:
+        return explicit
+    settings = MeshSettings()
+    if settings.nats_url:
+        return settings.nats_url
+    state = launcher.read_state(settings.home.resolve())
+    if state and state.nats_url:
+        return state.nats_url
+    return f"nats://127.0.0.1:{launcher.NATS_DEFAULT_PORT}"
+
+
+def event_line(event: events.CloudEvent) -> str:
+    data = json.dumps(event.data, separators=(",", ":"))
+    return f"{event.time}  {event.kind:<20} {event.subject or '-'}  {data}"
+
+
+async def tail_events(
+    url: str,
+    kinds: list[str],
+    *,
+    from_start: bool,
+    as_json: bool,
+    count: int,
+    write: Callable[[str], None],
+) -> None:
+    """Print events of the MLMESH_EVENTS stream until cancelled or `count` were printed."""
+    import nats
+    from nats.errors import NoServersError
+    from nats.js.api import DeliverPolicy
+    from nats.js.errors import NotFoundError
+
+    async def ignore(_error: Exception) -> None:
+        """nats-py logs every connection error by default; the CLI reports its own."""
+
+    try:
+        connection = await nats.connect(
+            url,
+            name="mlmesh-events-tail",
+            connect_timeout=3,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.5,
+            error_cb=ignore,
+        )
+    except (OSError, TimeoutError, NoServersError, nats.errors.Error) as error:
+        fail(f"cannot reach NATS at {url} ({error or type(error).__name__}); start the mesh with `mlmesh up`", 2)
+    # Fail fast on the first connect, but once tailing, ride out NATS restarts indefinitely.
+    connection.options["max_reconnect_attempts"] = -1
+    try:
+        jetstream = connection.jetstream()
+        # One kind filters on the server; several are filtered here, over the whole stream.
+        subject = events.subject_of(kinds[0]) if len(kinds) == 1 else events.SUBJECTS
+        policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
+        waiting_said = False
+        while True:
+            try:
+                subscription = await jetstream.subscribe(
+                    subject, stream=events.STREAM, ordered_consumer=True, deliver_policy=policy
+                )
+                break
+            except NotFoundError:
+                # The stream appears when the first service connects its outbox relay.
+                if not waiting_said:
+                    error_console.print(f"waiting for the {events.STREAM} stream to appear on {url} ...")
+                    waiting_said = True
+                await asyncio.sleep(0.5)
+        # On stderr, so scripts reading stdout see only events, and know when tailing began.
+        start = "the start of the stream" if from_start else "now on"
+        error_console.print(f"watching {events.STREAM} on {url} from {start} (Ctrl-C to stop)", soft_wrap=True)
+        printed = 0
+        async for message in subscription.messages:
+            try:
+                event = events.CloudEvent.from_json(message.data)
+            except ValueError:
+                continue  # not a CloudEvent: nothing an mlmesh subscriber would act on
+            if kinds and event.kind not in kinds:
+                continue
+            write(event.to_json().decode() if as_json else event_line(event))
+            printed += 1
+            if count and printed >= count:
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await connection.close()
+
+
+@events_app.command("tail")
+def events_tail(
+    event_type: Annotated[
+        list[str] | None,
+        typer.Option("--type", help="Only this kind (model.registered) or type (io.mlmesh.model.registered.v1)."),
+    ] = None,
+    from_start: Annotated[bool, typer.Option("--from-start", help="Replay the stream from its first event.")] = False,
+    count: Annotated[int, typer.Option(help="Stop after this many events (0: run until Ctrl-C).", min=0)] = 0,
+    nats_url: Annotated[
+        str | None,
+        typer.Option("--nats-url", help="Default: MLMESH_NATS_URL, else the local mesh's NATS.", show_default=False),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each CloudEvent as one JSON line.")] = False,
+) -> None:
+    """Print lifecycle events as they happen (one line each) until Ctrl-C."""
+    kinds = [events.kind_of_type(value) for value in event_type or []]
+    url = nats_url_for_events(nats_url)
+
+    def write(line: str) -> None:
+        typer.echo(line)  # plain echo: one unwrapped line per event, flushed for pipes
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await tail_events(url, kinds, from_start=from_start, as_json=as_json, count=count, write=write)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+if __name__ == "__main__":
+    app()

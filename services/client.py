@@ -1,0 +1,538 @@
+"""The Python SDK of mlmesh: typed, synchronous wrappers over the registry's gRPC API.
+
+    from services.client import RegistryClient
+
+    with RegistryClient("127.0.0.1:50051") as registry:
+        version = registry.register_model("fraud", [Path("model.onnx")], framework="onnx")
+        registry.set_alias("fraud", "champion", version.version, reason="beats v1 on AUC")
+        registry.download("fraud@champion", Path("out"))
+
+Every call raises `MeshError` (with the gRPC status name and the server's message) on failure.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from services._proto.mlmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from services.common.settings import MeshSettings
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+ACTOR_METADATA = "x-mlmesh-actor"
+CHUNK_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+Progress = Callable[[int, int], None]
+"""Called with (bytes transferred so far, total bytes) as an upload or download advances."""
+
+Item = TypeVar("Item")
+
+
+class MeshError(Exception):
+    """A failed call: the gRPC status name, the server's message and its ErrorInfo reason."""
+
+    def __init__(self, code: str, message: str, *, reason: str = "", field: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def unreachable(self) -> bool:
+        """True when no server answered (as opposed to a server reporting UNAVAILABLE itself)."""
+        # A server's own errors always carry ErrorInfo details; transport failures never do.
+        return self.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and not self.reason
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> MeshError:
+        """Read the status code, message and google.rpc.Status details of a failed call."""
+        code = error.code().name if isinstance(error, grpc.Call) and error.code() else "UNKNOWN"
+        message = error.details() if isinstance(error, grpc.Call) else str(error)
+        reason = field = ""
+        status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
+        for detail in status.details if status else ():
+            info = error_details_pb2.ErrorInfo()
+            bad_request = error_details_pb2.BadRequest()
+            if detail.Unpack(info):
+                reason = info.reason
+            elif detail.Unpack(bad_request) and bad_request.field_violations:
+                field = bad_request.field_violations[0].field
+        return cls(code, message or code, reason=reason, field=field)
+
+
+def default_actor() -> str:
+    """MLMESH_ACTOR when set, else the login name of this process."""
+    configured = MeshSettings().actor
+    if configured:
+        return configured
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no passwd entry, e.g. an arbitrary uid in a container
+        return "anonymous"
+
+
+def to_timestamp(moment: datetime) -> Timestamp:
+    """A datetime as a protobuf Timestamp; a naive datetime is taken as local time."""
+    value = Timestamp()
+    value.FromDatetime(moment.astimezone(UTC))
+    return value
+
+
+def collect_files(paths: Iterable[Path]) -> list[tuple[str, Path]]:
+    """(relative POSIX path, local path) of every file to upload, in a stable order.
+
+    A file is sent under its own name; a directory contributes every file below it, named
+    relative to the directory. Raises ValueError for missing paths or clashing names.
+    """
+    files: dict[str, Path] = {}
+
+    def add(relative: str, local: Path) -> None:
+        if relative in files:
+            raise ValueError(f"two files would both be uploaded as {relative!r}: {files[relative]} and {local}")
+        files[relative] = local
+
+    for path in paths:
+        if path.is_dir():
+            for folder, subfolders, names in os.walk(path):
+                subfolders.sort()
+                for name in sorted(names):
+                    local = Path(folder, name)
+                    if local.is_file():
+                        add(local.relative_to(path).as_posix(), local)
+        elif path.is_file():
+            add(path.name, path)
+        else:
+            raise ValueError(f"{path} does not exist or is not a regular file or directory")
+    if not files:
+        raise ValueError("nothing to upload: the given directories hold no files")
+    return list(files.items())
+
+
+def _upload_stream(
+    request_type: Any,
+    metadata: Any,
+    files: list[tuple[str, Path]],
+    progress: Progress | None,
+) -> Iterator[Any]:
+    """The client stream of an upload: metadata first, then each file as header + data chunks."""
+    total = sum(local.stat().st_size for _, local in files)
+    sent = 0
+    if progress:
+        progress(0, total)
+    yield request_type(metadata=metadata)
+    for relative, local in files:
+        yield request_type(file=common_pb2.FileChunk(header=common_pb2.FileHeader(path=relative)))
+        with local.open("rb") as source:
+            while chunk := source.read(CHUNK_BYTES):
+                yield request_type(file=common_pb2.FileChunk(data=chunk))
+                sent += len(chunk)
+                if progress:
+                    progress(sent, total)
+
+
+def safe_target(directory: Path, relative: str) -> Path:
+    """Where `relative` lands inside `directory`; refuses paths that would escape it."""
+    pure = PurePosixPath(relative)
+    if (
+        not relative
+        or pure.is_absolute()
+        or "\\" in relative
+        or any(part in ("..", "") for part in relative.split("/"))
+    ):
+        raise MeshError("DATA_LOSS", f"refusing to write {relative!r}: the path leaves the download directory")
+    root = directory.resolve()
+    target = (root / Path(*pure.parts)).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise MeshError("DATA_LOSS", f"refusing to write {relative!r}: the path leaves the download directory")
+    return target
+
+
+class _FileSink:
+    """Writes one downloaded file to a temporary name, then moves it into place once verified."""
+
+    def __init__(self, target: Path, expected: common_pb2.FileInfo | None) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        self.file = os.fdopen(handle, "wb")
+        self.temporary = Path(name)
+        self.target = target
+        self.expected = expected
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.hash.update(data)
+
+    def commit(self) -> None:
+        self.file.close()
+        if self.expected is not None and self.expected.sha256 and self.hash.hexdigest() != self.expected.sha256:
+            self.temporary.unlink(missing_ok=True)
+            raise MeshError("DATA_LOSS", f"{self.target} arrived corrupted: its sha256 differs from the registry's")
+        os.replace(self.temporary, self.target)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.temporary.unlink(missing_ok=True)
+
+
+class RegistryClient:
+    """A connection to the registry (mlmesh.v1.RegistryService).
+
+    Args:
+        address: host:port of the registry.
+        actor: who is calling, recorded in the audit log; defaults to MLMESH_ACTOR or the login name.
+        timeout: seconds a unary call may take; streams (uploads, downloads) are not limited.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, actor: str | None = None, *, timeout: float = 60.0) -> None:
+        self.address = address
+        self.actor = actor or default_actor()
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+        self._metadata = ((ACTOR_METADATA, self.actor),)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., Any], request: Any) -> Any:
+        try:
+            return method(request, metadata=self._metadata, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise MeshError.from_rpc_error(error) from None
+
+    def _upload(self, method: Callable[..., Any], requests: Iterator[Any]) -> Any:
+        local_errors: list[Exception] = []
+
+        def remembering() -> Iterator[Any]:
+            try:
+                yield from requests
+            except Exception as error:
+                # gRPC cancels the call and reports only "Exception iterating requests!";
+                # keep the real cause (say, a file that vanished mid-upload) to raise instead.
+                local_errors.append(error)
+                raise
+
+        try:
+            return method(remembering(), metadata=self._metadata)
+        except grpc.RpcError as error:
+            if local_errors:
+                raise local_errors[0] from None
+            raise MeshError.from_rpc_error(error) from None
+
+    @staticmethod
+    def _all_pages(fetch: Callable[[str], Any], items: str) -> Iterator[Any]:
+        token = ""
+        while True:
+            page = fetch(token)
+            yield from getattr(page, items)
+            token = page.next_page_token
+            if not token:
+                return
+
+    # ------------------------------------------------------------ model versions
+
+    def register_model(
+        self,
+        name: str,
+        paths: list[Path],
+        *,
+        framework: str = "",
+        description: str = "",
+        tags: dict[str, str] | None = None,
+        signature: common_pb2.Signature | None = None,
+        lineage: registry_pb2.Lineage | None = None,
+        progress: Progress | None = None,
+        upload_format: registry_pb2.UploadFormat.ValueType = registry_pb2.UPLOAD_FORMAT_FILES,
+    ) -> registry_pb2.ModelVersion:
+        """Upload files (directories recursively) as the next version of model `name`."""
+        metadata = registry_pb2.ModelVersionMetadata(
+            name=name,
+            framework=framework,
+            description=description,
+            tags=tags or {},
+            signature=signature,
+            lineage=lineage,
+            format=upload_format,
+        )
+        requests = _upload_stream(registry_pb2.RegisterModelVersionRequest, metadata, collect_files(paths), progress)
+        return self._upload(self._stub.RegisterModelVersion, requests).model_version
+
+    def import_mlflow(
+        self,
+        directory: Path,
+        name: str,
+        *,
+        description: str = "",
+        tags: dict[str, str] | None = None,
+        lineage: registry_pb2.Lineage | None = None,
+        progress: Progress | None = None,
+    ) -> registry_pb2.ModelVersion:
+        """Register an MLflow model directory; framework, signature and run id come from its MLmodel."""
+        if not (directory / "MLmodel").is_file():
+            raise ValueError(f"{directory} is not an MLflow model directory: it has no MLmodel file")
+        return self.register_model(
+            name,
+            [directory],
+            description=description,
+            tags=tags,
+            lineage=lineage,
+            progress=progress,
+            upload_format=registry_pb2.UPLOAD_FORMAT_MLFLOW,
+        )
+
+    def get(self, ref: str, at: datetime | None = None) -> registry_pb2.ModelVersion:
+        """A model version by `name:version`, `name@alias` (at a past time with `at`) or `name`."""
+        request = registry_pb2.GetModelVersionRequest(ref=ref, at=to_timestamp(at) if at else None)
+        return self._call(self._stub.GetModelVersion, request).model_version
+
+    def list_models(
+        self, name_prefix: str = "", page_size: int = 0, page_token: str = ""
+    ) -> registry_pb2.ListModelsResponse:
+        """One page of model summaries."""
+        request = registry_pb2.ListModelsRequest(name_prefix=name_prefix, page_size=page_size, page_token=page_token)
+        return self._call(self._stub.ListModels, request)
+
+    def iter_models(self, name_prefix: str = "", page_size: int = 0) -> Iterator[registry_pb2.ModelSummary]:
+        """Every model summary, fetching pages as needed."""
+        return self._all_pages(lambda token: self.list_models(name_prefix, page_size, token), "models")
+
+    def search(
+        self,
+        name_prefix: str = "",
+        tags: list[str] | None = None,
+        framework: str = "",
+        alias: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        order_by: str = "",
+        include_archived: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> registry_pb2.SearchModelVersionsResponse:
+        """One page of model versions matching every given filter; tags are "key=value" or "key"."""
+        request = registry_pb2.SearchModelVersionsRequest(
+            name_prefix=name_prefix,
+            tags=tags or [],
+            framework=framework,
+            alias=alias,
+            created_after=to_timestamp(created_after) if created_after else None,
+            created_before=to_timestamp(created_before) if created_before else None,
+            order_by=order_by,
+            include_archived=include_archived,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return self._call(self._stub.SearchModelVersions, request)
+
+    def iter_search(self, **filters: Any) -> Iterator[registry_pb2.ModelVersion]:
+        """Every model version matching `filters` (the arguments of `search`), across pages."""
+        return self._all_pages(lambda token: self.search(**filters, page_token=token), "model_versions")
+
+    def download(self, ref: str, directory: Path, progress: Progress | None = None) -> registry_pb2.ModelVersion:
+        """Write a version's files under `directory`; each file is verified against its sha256."""
+        version = self.get(ref)
+        # Download the exact version just resolved, so files and expected hashes belong together
+        # even if an alias moves or a newer version lands meanwhile.
+        expected = {file.path: file for file in version.files}
+        total = sum(file.size for file in version.files)
+        done = 0
+        if progress:
+            progress(0, total)
+        directory.mkdir(parents=True, exist_ok=True)
+        request = registry_pb2.DownloadModelVersionRequest(ref=f"{version.name}:{version.version}")
+        sink: _FileSink | None = None
+        try:
+            for response in self._stub.DownloadModelVersion(request, metadata=self._metadata):
+                part = response.file
+                if part.WhichOneof("part") == "header":
+                    if sink:
+                        sink.commit()
+                    sink = _FileSink(safe_target(directory, part.header.path), expected.get(part.header.path))
+                elif sink is None:
+                    raise MeshError("DATA_LOSS", "the registry sent file data before naming the file")
+                else:
+                    sink.write(part.data)
+                    done += len(part.data)
+                    if progress:
+                        progress(done, total)
+            if sink:
+                sink.commit()
+                sink = None
+        except grpc.RpcError as error:
+            raise MeshError.from_rpc_error(error) from None
+        finally:
+            if sink:
+                sink.discard()
+        return version
+
+    def update(
+        self,
+        ref: str,
+        set_tags: dict[str, str] | None = None,
+        remove_tags: list[str] | None = None,
+        description: str | None = None,
+        reason: str = "",
+    ) -> registry_pb2.ModelVersion:
+        """Change a version's tags and/or description."""
+        request = registry_pb2.UpdateModelVersionRequest(
+            ref=ref, set_tags=set_tags or {}, remove_tags=remove_tags or [], description=description, reason=reason
+        )
+        return self._call(self._stub.UpdateModelVersion, request).model_version
+
+    def set_alias(self, name: str, alias: str, version: int, reason: str = "") -> registry_pb2.SetAliasResponse:
+        """Point `name@alias` at `version`; the response tells the previous version (0 if new)."""
+        request = registry_pb2.SetAliasRequest(name=name, alias=alias, version=version, reason=reason)
+        return self._call(self._stub.SetAlias, request)
+
+    def remove_alias(self, name: str, alias: str, reason: str = "") -> int:
+        """Remove `name@alias`; returns the version it pointed at."""
+        request = registry_pb2.RemoveAliasRequest(name=name, alias=alias, reason=reason)
+        return self._call(self._stub.RemoveAlias, request).previous_version
+
+    def alias_history(self, name: str, alias: str = "") -> list[registry_pb2.AliasChange]:
+        """Every change of the model's aliases (or of one alias), oldest first."""
+        request = registry_pb2.ListAliasHistoryRequest(name=name, alias=alias)
+        return list(self._call(self._stub.ListAliasHistory, request).changes)
+
+    def archive(self, ref: str, reason: str = "") -> registry_pb2.ModelVersion:
+        """Archive a version: it stays readable but leaves default searches."""
+        request = registry_pb2.ArchiveModelVersionRequest(ref=ref, reason=reason)
+        return self._call(self._stub.ArchiveModelVersion, request).model_version
+
+    def delete(self, ref: str, reason: str = "") -> None:
+        """Delete a version and its files (refused while a deployment uses it)."""
+        self._call(self._stub.DeleteModelVersion, registry_pb2.DeleteModelVersionRequest(ref=ref, reason=reason))
+
+    def acquire_usage(self, ref: str, deployment_id: str) -> registry_pb2.ModelVersion:
+        """Record that a deployment uses this version, which protects it from archive and delete."""
+        request = registry_pb2.AcquireUsageRequest(ref=ref, deployment_id=deployment_id)
+        return self._call(self._stub.AcquireUsage, request).model_version
+
+    def release_usage(self, ref: str, deployment_id: str) -> None:
+        """Forget a deployment's use of this version."""
+        request = registry_pb2.ReleaseUsageRequest(ref=ref, deployment_id=deployment_id)
+        self._call(self._stub.ReleaseUsage, request)
+
+    # ------------------------------------------------------------ datasets
+
+    def register_dataset(
+        self,
+        name: str,
+        path: Path,
+        format: str = "",  # the proto's field name, kept for symmetry
+        description: str = "",
+        tags: dict[str, str] | None = None,
+        progress: Progress | None = None,
+    ) -> registry_pb2.Dataset:
+        """Upload one CSV or Parquet file as the next version of dataset `name`."""
+        if not path.is_file():
+            raise ValueError(f"{path} is not a file; a dataset is one CSV or Parquet file")
+        metadata = registry_pb2.DatasetMetadata(name=name, format=format, description=description, tags=tags or {})
+        requests = _upload_stream(registry_pb2.RegisterDatasetRequest, metadata, [(path.name, path)], progress)
+        return self._upload(self._stub.RegisterDataset, requests).dataset
+
+    def get_dataset(self, ref: str) -> registry_pb2.Dataset:
+        """A dataset by `name:version`, or `name` for the latest version."""
+        return self._call(self._stub.GetDataset, registry_pb2.GetDatasetRequest(ref=ref)).dataset
+
+    def list_datasets(
+        self, name_prefix: str = "", page_size: int = 0, page_token: str = ""
+    ) -> registry_pb2.ListDatasetsResponse:
+        """One page of datasets."""
+        request = registry_pb2.ListDatasetsRequest(name_prefix=name_prefix, page_size=page_size, page_token=page_token)
+        return self._call(self._stub.ListDatasets, request)
+
+    def iter_datasets(self, name_prefix: str = "", page_size: int = 0) -> Iterator[registry_pb2.Dataset]:
+        """Every dataset version, fetching pages as needed."""
+        return self._all_pages(lambda token: self.list_datasets(name_prefix, page_size, token), "datasets")
+
+    # ------------------------------------------------------------ runs
+
+    def record_run(
+        self,
+        *,
+        run_id: str = "",
+        experiment: str = "",
+        name: str = "",
+        params: dict[str, str] | None = None,
+        metrics: dict[str, float] | None = None,
+        git: registry_pb2.GitInfo | None = None,
+        datasets: list[str] | None = None,
+        status: str = "",
+        started_at: datetime | None = None,
+        ended_at: datetime | None = None,
+    ) -> registry_pb2.Run:
+        """Record a finished training run; the registry generates an id when none is given."""
+        run = registry_pb2.Run(
+            id=run_id,
+            experiment=experiment,
+            name=name,
+            params=params or {},
+            metrics=metrics or {},
+            git=git,
+            datasets=datasets or [],
+            status=status,
+            started_at=to_timestamp(started_at) if started_at else None,
+            ended_at=to_timestamp(ended_at) if ended_at else None,
+        )
+        return self._call(self._stub.RecordRun, registry_pb2.RecordRunRequest(run=run)).run
+
+    def get_run(self, run_id: str) -> registry_pb2.Run:
+        return self._call(self._stub.GetRun, registry_pb2.GetRunRequest(id=run_id)).run
+
+    # ------------------------------------------------------------ audit log
+
+    def list_audit(
+        self,
+        resource_prefix: str = "",
+        actor: str = "",
+        action: str = "",
+        since: datetime | None = None,
+        until: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> registry_pb2.ListAuditEntriesResponse:
+        """One page of audit entries matching every given filter."""
+        request = registry_pb2.ListAuditEntriesRequest(
+            resource_prefix=resource_prefix,
+            actor=actor,
+            action=action,
+            since=to_timestamp(since) if since else None,
+            until=to_timestamp(until) if until else None,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return self._call(self._stub.ListAuditEntries, request)
+
+    def iter_audit(self, **filters: Any) -> Iterator[registry_pb2.AuditEntry]:
+        """Every audit entry matching `filters` (the arguments of `list_audit`), across pages."""
+        return self._all_pages(lambda token: self.list_audit(**filters, page_token=token), "entries")
