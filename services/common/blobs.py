@@ -113,14 +113,15 @@ class BlobStore:
         """
         cutoff = time.time() - older_than_seconds
         removed = 0
-        for path in self.temporary.iterdir():
-            if path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed += 1
-        for path in (self.root / "sha256").glob("*/*/*"):
-            if path.name not in referenced and path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed += 1
+        candidates = [*self.temporary.iterdir()]
+        candidates += [path for path in (self.root / "sha256").glob("*/*/*") if path.name not in referenced]
+        for path in candidates:
+            try:  # an upload may finish (rename) or a delete may run while this looks
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
         return removed
 
     def get_size(self, digest: str) -> int:

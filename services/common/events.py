@@ -101,6 +101,8 @@ class ModelRegistered(EventPayload):
     framework: str
     tags: dict[str, str] = Field(default_factory=dict)
     files: list[FileRecord] = Field(default_factory=list)
+    """The first files, as many as fit in the event; `file_count` says how many there are."""
+    file_count: int = 0
     run_id: str = ""
     created_by: str = ""
 
@@ -160,6 +162,8 @@ class RunCompleted(EventPayload):
     experiment: str
     status: str
     metrics: dict[str, float] = Field(default_factory=dict)
+    """The first metrics, as many as fit in the event; `metric_count` says how many there are."""
+    metric_count: int = 0
 
 
 class CloudEvent(BaseModel):

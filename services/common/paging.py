@@ -10,6 +10,7 @@ from services.common.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_OFFSET = 2**31 - 1
 
 
 def page_size(requested: int) -> int:
@@ -26,7 +27,7 @@ def decode(token: str) -> int:
         offset = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))["offset"]
     except (binascii.Error, ValueError, KeyError, TypeError, UnicodeEncodeError):
         offset = None
-    if not isinstance(offset, int) or offset < 0:
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_OFFSET:
         raise InvalidArgument(
             "page_token is not one this service issued; pass the next_page_token of a previous "
             "response, or none for the first page",

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -53,6 +55,10 @@ TAG_KEY_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}")
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}")
 MAX_TAG_VALUE = 1024
 MAX_TAGS = 256
+MAX_TAGS_BYTES = 16 * 1024
+MAX_TAG_FILTERS = 16
+LATEST_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last moment a protobuf Timestamp holds
+EVENT_LIST_BUDGET_BYTES = 16 * 1024
 MAX_TEXT = 10_000
 MAX_PATH = 1024
 MAX_TENSORS = 1024
@@ -81,17 +87,35 @@ def check_text(value: str, what: str, limit: int = MAX_TEXT) -> str:
     return value
 
 
+def check_key(key: str, what: str) -> str:
+    """A tag, param or metric key: 1-128 letters, digits, '_', '.', ':', '/' or '-'."""
+    if not TAG_KEY_PATTERN.fullmatch(key):
+        noun = {"run.params": "param", "run.metrics": "metric"}.get(what, "tag")
+        raise InvalidArgument(
+            f"{noun} key {key[:140]!r} is not valid: use 1-128 letters, digits, '_', '.', ':', '/' or '-'",
+            field=what,
+        )
+    return key
+
+
 def check_tags(tags: dict[str, str], what: str = "tags") -> dict[str, str]:
     if len(tags) > MAX_TAGS:
         raise InvalidArgument(f"{len(tags)} tags given; at most {MAX_TAGS} are allowed", field=what)
     for key, value in tags.items():
-        if not TAG_KEY_PATTERN.fullmatch(key):
-            raise InvalidArgument(
-                f"tag key {key[:140]!r} is not valid: use 1-128 letters, digits, '_', '.', ':', '/' or '-'",
-                field=what,
-            )
+        check_key(key, what)
         check_text(value, f"{what}.{key}", MAX_TAG_VALUE)
+    check_tags_size(tags, what)
     return tags
+
+
+def check_tags_size(tags: dict[str, str], what: str = "tags") -> None:
+    """All tags of a version together stay small enough to travel in its events."""
+    size = sum(len(key.encode()) + len(value.encode()) for key, value in tags.items())
+    if size > MAX_TAGS_BYTES:
+        raise InvalidArgument(
+            f"the tags add up to {size} bytes; all tags of a version together may hold {MAX_TAGS_BYTES}",
+            field=what,
+        )
 
 
 def check_file_path(path: str) -> str:
@@ -176,6 +200,18 @@ class VersionMetadata(BaseModel):
         return self
 
 
+VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}")
+
+
+def parse_version(number: str, ref: str) -> int:
+    """The version in a `name:version` reference: ASCII digits only, 1 or more, below 10**18."""
+    if not VERSION_PATTERN.fullmatch(number):
+        raise InvalidArgument(
+            f"version {number[:40]!r} in {ref[:160]!r} must be a positive whole number (1, 2, ...)", field="ref"
+        )
+    return int(number)
+
+
 @dataclass
 class Reference:
     """A parsed model reference: `name:version`, `name@alias` or `name` (latest)."""
@@ -191,12 +227,7 @@ class Reference:
             return cls(check_name(name), alias=check_name(alias, "alias"))
         if ":" in ref:
             name, number = ref.split(":", 1)
-            if not number.isdigit() or int(number) < 1 or len(number) > 18:
-                raise InvalidArgument(
-                    f"version {number[:40]!r} in {ref[:160]!r} must be a positive whole number",
-                    field="ref",
-                )
-            return cls(check_name(name), version=int(number))
+            return cls(check_name(name), version=parse_version(number, ref))
         return cls(check_name(ref, "ref"))
 
     def __str__(self) -> str:
@@ -458,7 +489,7 @@ class Registry:
         if not framework:
             framework = "onnx" if any(path.endswith(".onnx") for path in upload.files) else "other"
         if framework == "onnx" and signature.is_empty():
-            signature = Signature.model_validate(formats.onnx_signature(upload.main_onnx_file()))
+            signature = Signature.model_validate(formats.onnx_signature(*upload.main_onnx_file()))
         now = time.time()
         with self.database.transaction() as session:
             version = self._next_version(session, RegisteredModel, metadata.name)
@@ -500,10 +531,9 @@ class Registry:
             session.add_all(ModelTag(version_id=row.id, key=key, value=value) for key, value in metadata.tags.items())
             resource = resource_of(metadata.name, version)
             self._audit(session, upload.actor, "model.register", resource, files=len(upload.files), framework=framework)
-            file_records = [
-                events.FileRecord(path=path, size=size, sha256=digest)
-                for path, (size, digest) in list(upload.files.items())[:100]
-            ]
+            file_records = _within_budget(
+                events.FileRecord(path=path, size=size, sha256=digest) for path, (size, digest) in upload.files.items()
+            )
             self._emit(
                 session,
                 events.ModelRegistered(
@@ -512,12 +542,14 @@ class Registry:
                     framework=framework,
                     tags=metadata.tags,
                     files=file_records,
+                    file_count=len(upload.files),
                     run_id=lineage.run_id,
                     created_by=upload.actor,
                 ),
                 resource,
             )
             session.flush()
+            upload.check_not_cancelled()
             return self._view(session, row)
 
     # ------------------------------------------------------------ reading
@@ -587,6 +619,10 @@ class Registry:
             statement = statement.where(ModelVersionRow.created_at >= query.created_after)
         if query.created_before is not None:
             statement = statement.where(ModelVersionRow.created_at < query.created_before)
+        if len(query.tags) > MAX_TAG_FILTERS:
+            raise InvalidArgument(
+                f"{len(query.tags)} tag filters given; at most {MAX_TAG_FILTERS} may be combined", field="tags"
+            )
         for tag_filter in query.tags:
             key, has_value, value = tag_filter.partition("=")
             check_tags({key: value}, "tags")
@@ -621,7 +657,7 @@ class Registry:
     ) -> VersionView:
         check_tags(set_tags, "set_tags")
         for key in remove_tags:
-            check_tags({key: ""}, "remove_tags")
+            check_key(key, "remove_tags")
         if description is not None:
             check_text(description, "description")
         check_text(reason, "reason", 2000)
@@ -632,8 +668,10 @@ class Registry:
             row = self._version_row(session, reference, lock=True)
             assert row.id is not None
             existing = {tag.key: tag for tag in session.exec(select(ModelTag).where(ModelTag.version_id == row.id))}
-            if len(set(existing) | set(set_tags)) - len(set(remove_tags) & set(existing)) > MAX_TAGS:
+            final = {key: tag.value for key, tag in existing.items() if key not in remove_tags} | set_tags
+            if len(final) > MAX_TAGS:
                 raise InvalidArgument(f"a version may carry at most {MAX_TAGS} tags", field="set_tags")
+            check_tags_size(final, "set_tags")
             for key in remove_tags:
                 if key in existing:
                     session.delete(existing.pop(key))
@@ -864,7 +902,7 @@ class Registry:
     def _commit_dataset(
         self, upload: DatasetUpload, path: str, size: int, digest: str, file_format: str
     ) -> dict[str, Any]:
-        summary = formats.table_summary(self.blobs.path_of(digest), file_format)
+        summary = formats.table_summary(self.blobs.path_of(digest), file_format, path)
         fingerprint = formats.fingerprint(summary["schema"], digest)
         with self.database.transaction() as session:
             version = self._next_version(session, DatasetName, upload.name)
@@ -898,18 +936,18 @@ class Registry:
                 resource,
             )
             session.flush()
+            upload.check_not_cancelled()
             return _dataset_view(row)
 
     def get_dataset(self, ref: str) -> dict[str, Any]:
-        name, _, number = ref.partition(":")
+        name, has_version, number = ref.partition(":")
         check_name(name)
-        if number and (not number.isdigit() or len(number) > 18):
-            raise InvalidArgument(f"dataset version {number[:40]!r} must be a positive whole number", field="ref")
+        version = parse_version(number, ref) if has_version else None
         with self.database.session() as session:
             query = select(DatasetRow).where(DatasetRow.name == name)
             query = (
-                query.where(DatasetRow.version == int(number))
-                if number
+                query.where(DatasetRow.version == version)
+                if version
                 else query.order_by(col(DatasetRow.version).desc()).limit(1)
             )
             row = session.exec(query).first()
@@ -946,15 +984,19 @@ class Registry:
         params, metrics = run.get("params", {}), run.get("metrics", {})
         if len(params) > 1000 or len(metrics) > 1000:
             raise InvalidArgument("a run may carry at most 1000 params and 1000 metrics", field="run")
-        check_tags({key: str(value)[:MAX_TAG_VALUE] for key, value in params.items()}, "run.params")
         for key, value in params.items():
+            check_key(key, "run.params")
             check_text(value, f"run.params.{key}", 6000)
         for key, value in metrics.items():
-            check_tags({key: ""}, "run.metrics")
+            check_key(key, "run.metrics")
             if not math.isfinite(value):
                 raise InvalidArgument(f"metric {key!r} is not a finite number", field="run.metrics")
         for text_field in ("experiment", "name", "git_repo", "git_branch", "git_commit"):
             check_text(run.get(text_field, ""), f"run.{text_field}", 1024)
+        for time_field in ("started_at", "ended_at"):
+            moment = run.get(time_field)
+            if moment is not None and not 0 <= moment <= LATEST_TIMESTAMP:
+                raise InvalidArgument(f"run.{time_field} must lie between 1970 and 9999", field=f"run.{time_field}")
         row = RunRow(
             id=run_id,
             experiment=run.get("experiment", ""),
@@ -980,7 +1022,13 @@ class Registry:
                 self._audit(session, actor, "run.record", resource, status=status)
                 self._emit(
                     session,
-                    events.RunCompleted(run_id=run_id, experiment=row.experiment, status=status, metrics=metrics),
+                    events.RunCompleted(
+                        run_id=run_id,
+                        experiment=row.experiment,
+                        status=status,
+                        metrics=dict(_within_budget(metrics.items())),
+                        metric_count=len(metrics),
+                    ),
                     resource,
                 )
         except IntegrityError as error:
@@ -1038,10 +1086,26 @@ class Registry:
         return self.blobs.sweep(referenced, grace_seconds)
 
 
-class Upload:
+class _Receiving:
+    """What every upload shares: the caller may cancel it until the moment it commits."""
+
+    def __init__(self) -> None:
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Called from another thread when the caller goes away; the commit then rolls back."""
+        self._cancelled.set()
+
+    def check_not_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise Aborted("the upload was cancelled by the caller; nothing was registered")
+
+
+class Upload(_Receiving):
     """A model version being received: files stream into the blob store, then one commit."""
 
     def __init__(self, registry: Registry, metadata: VersionMetadata, actor: str) -> None:
+        super().__init__()
         self.registry = registry
         self.metadata = metadata
         self.actor = actor
@@ -1101,11 +1165,13 @@ class Upload:
         self.registry.blobs.unpin(digest for _, digest in self.files.values())
         self.files = {}
 
-    def main_onnx_file(self) -> Any:
+    def main_onnx_file(self) -> tuple[Path, str]:
+        """The stored path and the uploaded name of the version's main .onnx file."""
         onnx_files = [path for path in self.files if path.endswith(".onnx")]
         if not onnx_files:
             raise InvalidArgument("framework is onnx but no .onnx file was uploaded", field="files")
-        return self.registry.blobs.path_of(self.files[sorted(onnx_files, key=len)[0]][1])
+        main = sorted(onnx_files, key=len)[0]
+        return self.registry.blobs.path_of(self.files[main][1]), main
 
     def read_mlflow(self, framework: str, signature: Signature, lineage: Lineage) -> tuple[str, Signature, Lineage]:
         if "MLmodel" not in self.files:
@@ -1116,16 +1182,18 @@ class Upload:
         if signature.is_empty():
             signature = Signature.model_validate(described["signature"])
         if not lineage.run_id and described["run_id"]:
-            lineage = lineage.model_copy(update={"run_id": described["run_id"]})
+            check_text(described["run_id"], "MLmodel run_id", 200)
+            lineage = Lineage.model_validate({**lineage.model_dump(), "run_id": described["run_id"]})
         return framework or described["framework"], signature, lineage
 
 
-class DatasetUpload:
+class DatasetUpload(_Receiving):
     """One dataset file being received."""
 
     def __init__(
         self, registry: Registry, name: str, file_format: str, description: str, tags: dict[str, str], actor: str
     ) -> None:
+        super().__init__()
         self.registry = registry
         self.name = name
         self.format = file_format
@@ -1172,6 +1240,17 @@ class DatasetUpload:
         if self._writer is not None:
             self._writer.discard()
             self._writer = None
+
+
+def _within_budget(items: Iterable[Any]) -> list[Any]:
+    """The leading items whose JSON fits in an event's list budget (events stay under 64 KiB)."""
+    kept, used = [], 0
+    for item in items:
+        used += len(json.dumps(item.model_dump() if isinstance(item, BaseModel) else item)) + 2
+        if used > EVENT_LIST_BUDGET_BYTES:
+            break
+        kept.append(item)
+    return kept
 
 
 def _dataset_view(row: DatasetRow) -> dict[str, Any]:

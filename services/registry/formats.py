@@ -82,14 +82,21 @@ _COLUMN_TO_OIP = {
 }
 
 
-def onnx_signature(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """The inputs and outputs of an ONNX graph as OIP tensor specs."""
+def _without_path(error: Exception, path: Path) -> str:
+    """An error's text without the server's own file path in it."""
+    return str(error).replace(str(path), "the file")
+
+
+def onnx_signature(path: Path, display_name: str) -> dict[str, list[dict[str, Any]]]:
+    """The inputs and outputs of an ONNX graph as OIP tensor specs; `display_name` names it in errors."""
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:
-        raise InvalidArgument(f"{path.name} is not a valid ONNX model: {error}", field="files") from error
+        raise InvalidArgument(
+            f"{display_name} is not a valid ONNX model: {_without_path(error, path)}", field="files"
+        ) from error
     initializers = {initializer.name for initializer in model.graph.initializer}
 
     def specs(values: Any) -> list[dict[str, Any]]:
@@ -150,9 +157,15 @@ def _mlflow_schema(encoded: Any, side: str) -> list[dict[str, Any]]:
             raise InvalidArgument(f"MLmodel signature {side}[{index}] is not an object", field="files")
         name = str(column.get("name") or f"{side[:-1]}_{index}")
         if column.get("type") == "tensor":
-            spec = column.get("tensor-spec") or {}
+            spec = column.get("tensor-spec")
+            shape = spec.get("shape", [-1]) if isinstance(spec, dict) else None
+            if not isinstance(shape, list) or not all(type(dim) is int and dim >= -1 for dim in shape):
+                raise InvalidArgument(
+                    f"MLmodel signature {side}[{index}] needs a tensor-spec whose shape lists dimensions "
+                    "(sizes >= 0, or -1 for a variable size)",
+                    field="files",
+                )
             datatype = _NUMPY_TO_OIP.get(str(spec.get("dtype", "")).lower())
-            shape = [int(dim) for dim in spec.get("shape", [-1])]
         else:
             datatype = _COLUMN_TO_OIP.get(str(column.get("type", "")).lower())
             shape = [-1]
@@ -162,8 +175,8 @@ def _mlflow_schema(encoded: Any, side: str) -> list[dict[str, Any]]:
     return specs
 
 
-def table_summary(path: Path, file_format: str, max_columns: int = 2000) -> dict[str, Any]:
-    """Schema, row count, fingerprint and per-column statistics of a CSV or Parquet file."""
+def table_summary(path: Path, file_format: str, display_name: str, max_columns: int = 2000) -> dict[str, Any]:
+    """Schema, row count and per-column statistics of a CSV or Parquet file named `display_name`."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
@@ -172,7 +185,9 @@ def table_summary(path: Path, file_format: str, max_columns: int = 2000) -> dict
     try:
         table = pq.read_table(path) if file_format == "parquet" else pacsv.read_csv(path)
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as error:
-        raise InvalidArgument(f"the file is not a valid {file_format} table: {error}", field="file") from error
+        raise InvalidArgument(
+            f"{display_name} is not a valid {file_format} table: {_without_path(error, path)}", field="file"
+        ) from error
     if table.num_columns > max_columns:
         raise InvalidArgument(
             f"the table has {table.num_columns} columns; at most {max_columns} are supported",
@@ -196,16 +211,32 @@ def table_summary(path: Path, file_format: str, max_columns: int = 2000) -> dict
             quantiles = pc.quantile(values, q=[i / 10 for i in range(1, 10)]).to_pylist()
             summary["quantiles"] = [q for q in (_finite(v) for v in quantiles) if q is not None]
         elif not numeric:
-            as_text = column.cast(pa.string()) if not pa.types.is_string(column.type) else column
-            summary["distinct_count"] = pc.count_distinct(as_text).as_py()
-            counts = pc.value_counts(pc.drop_null(as_text))
-            top = sorted(
-                ((entry["values"], entry["counts"]) for entry in counts.to_pylist()),
-                key=lambda item: -item[1],
-            )[:10]
-            summary["top_values"] = {str(value)[:200]: count for value, count in top}
+            summary.update(_category_summary(column))
         columns.append(summary)
     return {"row_count": table.num_rows, "columns": columns, "schema": str(table.schema)}
+
+
+def _category_summary(column: Any) -> dict[str, Any]:
+    """Distinct count and most frequent values of a non-numeric column (none for nested types)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            as_text = column
+        else:
+            as_text = column if pa.types.is_string(column.type) else column.cast(pa.string())
+        counts = pc.value_counts(pc.drop_null(as_text)).to_pylist()
+        distinct = pc.count_distinct(as_text).as_py()
+    except pa.ArrowException:
+        return {}  # lists, structs and the like: schema and counts only
+
+    def label(value: Any) -> str:
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        return text[:200]
+
+    top = sorted(((entry["values"], entry["counts"]) for entry in counts), key=lambda item: -item[1])[:10]
+    return {"distinct_count": distinct, "top_values": {label(value): count for value, count in top}}
 
 
 def _finite(value: Any) -> float | None:

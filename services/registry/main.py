@@ -44,7 +44,10 @@ def build(settings: RegistrySettings) -> ServiceRuntime:
 
     async def sweep_blobs() -> None:
         while True:
-            await asyncio.to_thread(registry.sweep_blobs)
+            try:
+                await asyncio.to_thread(registry.sweep_blobs)
+            except Exception:  # a failed sweep is retried next time; it must not stop the service
+                logging.getLogger(__name__).exception("blob sweep failed")
             await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
 
     return ServiceRuntime(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, ForeignKey, Index, Integer, UniqueConstraint, text
+from sqlalchemy import BigInteger, Column, ForeignKey, Index, Integer, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from services.common.bus import ParkedEvent, ProcessedEvent
@@ -16,7 +16,7 @@ class RegisteredModel(SQLModel, table=True):
     __tablename__ = "registered_models"
 
     name: str = Field(primary_key=True)
-    latest_version: int = 0
+    latest_version: int = Field(default=0, sa_type=BigInteger)
     created_at: float
     updated_at: float
 
@@ -30,7 +30,7 @@ class ModelVersionRow(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(index=True)
-    version: int
+    version: int = Field(sa_type=BigInteger)
     framework: str
     description: str = ""
     signature: str = "{}"
@@ -41,7 +41,7 @@ class ModelVersionRow(SQLModel, table=True):
     git_commit: str = ""
     datasets: str = "[]"
     environment: str = ""
-    parent_version: int = 0
+    parent_version: int = Field(default=0, sa_type=BigInteger)
     status: str = "READY"
     created_by: str = ""
     created_at: float
@@ -77,7 +77,7 @@ class ModelAlias(SQLModel, table=True):
 
     name: str = Field(primary_key=True)
     alias: str = Field(primary_key=True)
-    version: int
+    version: int = Field(sa_type=BigInteger)
     set_at: float
     set_by: str
     reason: str
@@ -92,7 +92,7 @@ class AliasChange(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str
     alias: str
-    version: int
+    version: int = Field(sa_type=BigInteger)
     """0 when the alias was removed."""
     at: float
     actor: str
@@ -113,7 +113,7 @@ class DatasetName(SQLModel, table=True):
     __tablename__ = "dataset_names"
 
     name: str = Field(primary_key=True)
-    latest_version: int = 0
+    latest_version: int = Field(default=0, sa_type=BigInteger)
     created_at: float
     updated_at: float
 
@@ -124,7 +124,7 @@ class DatasetRow(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(index=True)
-    version: int
+    version: int = Field(sa_type=BigInteger)
     format: str
     description: str = ""
     tags: str = "{}"

@@ -49,8 +49,15 @@ def metadata_from_proto(message: registry_pb2.ModelVersionMetadata) -> domain.Ve
             environment=lineage.environment,
             parent_version=lineage.parent_version,
         ),
-        format="mlflow" if message.format == registry_pb2.UPLOAD_FORMAT_MLFLOW else "files",
+        format=_UPLOAD_FORMATS.get(message.format) or _unknown_format(message.format),
     )
+
+
+_UPLOAD_FORMATS = {registry_pb2.UPLOAD_FORMAT_FILES: "files", registry_pb2.UPLOAD_FORMAT_MLFLOW: "mlflow"}
+
+
+def _unknown_format(value: int) -> str:
+    raise InvalidArgument(f"upload format {value} is not FILES or MLFLOW", field="metadata.format")
 
 
 # ---------------------------------------------------------------- domain -> proto
@@ -122,13 +129,37 @@ def run_to_proto(view: dict[str, Any]) -> registry_pb2.Run:
     )
 
 
+async def _receive(upload: Any, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+    """Feed an upload stream's file parts (after its metadata) into a domain upload, then commit it.
+
+    Whatever fails, or a caller who cancels, leaves nothing behind: the commit is all or nothing,
+    and a cancellation that arrives while it runs stops it before it commits.
+    """
+    try:
+        await _receive_files(upload, requests)
+        if context.cancelled():
+            raise asyncio.CancelledError
+        finishing = asyncio.ensure_future(asyncio.to_thread(upload.finish))
+        try:
+            return await asyncio.shield(finishing)
+        except asyncio.CancelledError:
+            upload.cancel()
+            await asyncio.wait([finishing])  # never abort while the commit is still running
+            raise
+    except BaseException:
+        upload.abort()
+        raise
+
+
 async def _receive_files(upload: Any, requests: AsyncIterator[Any]) -> None:
-    """Feed the file parts of an upload stream (after its metadata) into a domain upload."""
     async for request in requests:
-        if request.WhichOneof("part") != "file":
+        part = request.WhichOneof("part")
+        if part is None:
+            raise InvalidArgument("an upload message carried neither metadata nor file data", field="file")
+        if part != "file":
             raise InvalidArgument("metadata may be sent only once, as the first message", field="metadata")
         if request.file.WhichOneof("part") == "header":
-            await asyncio.to_thread(upload.start_file, request.file.header.path)
+            upload.start_file(request.file.header.path)  # in the loop: a cancel cannot outrun it
         else:
             upload.write(request.file.data)
 
@@ -149,12 +180,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         requests = aiter(request_iterator)
         metadata = metadata_from_proto(await _first_metadata(requests))
         upload = self.registry.begin_upload(metadata, actor_of(context))
-        try:
-            await _receive_files(upload, requests)
-            view = await asyncio.to_thread(upload.finish)
-        except BaseException:
-            upload.abort()
-            raise
+        view = await _receive(upload, requests, context)
         return registry_pb2.RegisterModelVersionResponse(model_version=version_to_proto(view))
 
     async def GetModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -273,12 +299,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         upload = self.registry.begin_dataset_upload(
             metadata.name, metadata.format, metadata.description, dict(metadata.tags), actor_of(context)
         )
-        try:
-            await _receive_files(upload, requests)
-            view = await asyncio.to_thread(upload.finish)
-        except BaseException:
-            upload.abort()
-            raise
+        view = await _receive(upload, requests, context)
         return registry_pb2.RegisterDatasetResponse(dataset=dataset_to_proto(view))
 
     async def GetDataset(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
