@@ -17,8 +17,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import Column, Index, LargeBinary, delete, func, update
+from sqlalchemy import Column, Index, LargeBinary, String, any_, bindparam, delete, func, update
 from sqlalchemy import event as sqlalchemy_event
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from services.common import telemetry
@@ -156,7 +157,7 @@ class Relay:
             # Queued behind any database work still running, even when this task was cancelled.
             self._thread.submit(session.close)
 
-    async def _publish(self, jetstream: Any, row: OutboxEvent) -> Any:
+    async def _publish(self, jetstream: Any, row: Any) -> Any:
         headers = json.loads(row.headers)
         with telemetry.messaging_span("send", row.subject, headers):
             headers.update(telemetry.inject_headers())  # the send span becomes the consumer's parent
@@ -167,30 +168,32 @@ class Relay:
         """Database work runs in the relay's one thread: off the event loop, one session at a time."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
 
-    def _claim(self, session: Session) -> list[OutboxEvent]:
+    def _claim(self, session: Session) -> list[Any]:
+        """Pending events as plain rows (id, subject, payload, headers), oldest first."""
         query = (
-            select(OutboxEvent)
+            select(OutboxEvent.id, OutboxEvent.subject, OutboxEvent.payload, OutboxEvent.headers)
             .where(col(OutboxEvent.sent_at).is_(None))
             .order_by(col(OutboxEvent.created_at))
             .limit(self.batch_size)
         )
         if self.database.is_sqlite:
-            rows = list(session.exec(query).all())
+            rows = list(session.execute(query).all())
             session.rollback()  # end the read; marking takes SQLite's write lock only briefly
             return rows
         # PostgreSQL: the row locks are the claim, held while publishing, so that no other
         # relay on the same database takes these rows.
-        return list(session.exec(query.with_for_update(skip_locked=True)).all())
+        return list(session.execute(query.with_for_update(skip_locked=True)).all())
 
     def _mark_sent(self, session: Session, ids: list[str]) -> None:
-        mark = update(OutboxEvent).where(col(OutboxEvent.id).in_(ids)).values(sent_at=time.time())
         if self.database.is_sqlite:
             if ids:
                 with self.database.transaction() as writer:
-                    writer.execute(mark)
+                    writer.execute(update(OutboxEvent).where(col(OutboxEvent.id).in_(ids)).values(sent_at=time.time()))
             return
         if ids:
-            session.execute(mark)
+            # One array parameter, not one per id: the statement stays the same for every batch.
+            batch = bindparam("ids", value=ids, type_=ARRAY(String))
+            session.execute(update(OutboxEvent).where(col(OutboxEvent.id) == any_(batch)).values(sent_at=time.time()))
         session.commit()  # releases the claim on rows that failed to publish, too
 
     async def prune_if_due(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ def setup(service_name: str) -> None:
     _configured = True
 
 
+@functools.cache
 def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
 

@@ -374,19 +374,22 @@ class Registry:
         return counter.latest_version
 
     def _version_row(
-        self, session: Session, ref: Reference, *, at: float | None = None, lock: bool = False
+        self, session: Session, ref: Reference, *, at: float | None = None, lock: bool = False, read_only: bool = False
     ) -> ModelVersionRow:
+        """The version a reference names; `read_only` gives a plain row (faster) instead of an ORM object."""
         version = ref.version
         if ref.alias:
             version = self._alias_target(session, ref.name, ref.alias, at)
-        query = select(ModelVersionRow).where(ModelVersionRow.name == ref.name)
+        query = (
+            select(*ModelVersionRow.__table__.columns) if read_only else select(ModelVersionRow)  # type: ignore[attr-defined]
+        ).where(ModelVersionRow.name == ref.name)
         if version is None:
             query = query.where(ModelVersionRow.status == READY).order_by(col(ModelVersionRow.version).desc()).limit(1)
         else:
             query = query.where(ModelVersionRow.version == version)
         if lock:
             query = query.with_for_update()
-        row = session.exec(query).first()
+        row = (session.execute(query) if read_only else session.exec(query)).first()
         if row is None:
             if session.get(RegisteredModel, ref.name) is None:
                 raise NotFound(f"model {ref.name!r} does not exist", reason="MODEL_NOT_FOUND")
@@ -397,11 +400,13 @@ class Registry:
 
     def _alias_target(self, session: Session, name: str, alias: str, at: float | None) -> int:
         if at is None:
-            current = session.get(ModelAlias, (name, alias))
+            current = session.execute(
+                select(ModelAlias.version).where(ModelAlias.name == name, ModelAlias.alias == alias)
+            ).scalar()
             if current is None:
                 self._require_model(session, name)
                 raise NotFound(f"model {name!r} has no alias {alias!r}", reason="ALIAS_NOT_FOUND")
-            return current.version
+            return current
         change = session.exec(
             select(AliasChange)
             .where(AliasChange.name == name, AliasChange.alias == alias, AliasChange.at <= at)
@@ -425,22 +430,31 @@ class Registry:
         """Assemble views for many rows with one query per related table."""
         if not rows:
             return []
+        # Plain column rows, not ORM objects: building views is the hot path of every read.
         ids = [row.id for row in rows]
         files: dict[int, list[FileView]] = {}
-        for file in session.exec(
-            select(ModelFile).where(col(ModelFile.version_id).in_(ids)).order_by(col(ModelFile.path))
+        for version_id, path, size, digest in session.execute(
+            select(ModelFile.version_id, ModelFile.path, ModelFile.size, ModelFile.sha256)
+            .where(col(ModelFile.version_id).in_(ids))
+            .order_by(col(ModelFile.path))
         ):
-            files.setdefault(file.version_id, []).append(FileView(file.path, file.size, file.sha256))
+            files.setdefault(version_id, []).append(FileView(path, size, digest))
         tags: dict[int, dict[str, str]] = {}
-        for tag in session.exec(select(ModelTag).where(col(ModelTag.version_id).in_(ids))):
-            tags.setdefault(tag.version_id, {})[tag.key] = tag.value
+        for version_id, key, value in session.execute(
+            select(ModelTag.version_id, ModelTag.key, ModelTag.value).where(col(ModelTag.version_id).in_(ids))
+        ):
+            tags.setdefault(version_id, {})[key] = value
         usages: dict[int, list[str]] = {}
-        for usage in session.exec(select(ModelUsage).where(col(ModelUsage.version_id).in_(ids))):
-            usages.setdefault(usage.version_id, []).append(usage.deployment_id)
+        for version_id, deployment_id in session.execute(
+            select(ModelUsage.version_id, ModelUsage.deployment_id).where(col(ModelUsage.version_id).in_(ids))
+        ):
+            usages.setdefault(version_id, []).append(deployment_id)
         aliases: dict[tuple[str, int], list[str]] = {}
         names = {row.name for row in rows}
-        for alias in session.exec(select(ModelAlias).where(col(ModelAlias.name).in_(names))):
-            aliases.setdefault((alias.name, alias.version), []).append(alias.alias)
+        for name, alias, version in session.execute(
+            select(ModelAlias.name, ModelAlias.alias, ModelAlias.version).where(col(ModelAlias.name).in_(names))
+        ):
+            aliases.setdefault((name, version), []).append(alias)
         return [
             VersionView(
                 name=row.name,
@@ -556,7 +570,7 @@ class Registry:
 
     def get_version(self, ref: str, at: float | None = None) -> VersionView:
         with self.database.session() as session:
-            return self._view(session, self._version_row(session, Reference.parse(ref), at=at))
+            return self._view(session, self._version_row(session, Reference.parse(ref), at=at, read_only=True))
 
     def files_of(self, ref: str) -> list[FileView]:
         return self.get_version(ref).files
@@ -608,7 +622,7 @@ class Registry:
                 f"framework {query.framework[:40]!r} is not one of {', '.join(FRAMEWORKS)}", field="framework"
             )
         check_text(query.name_prefix, "name_prefix", 128)
-        statement = select(ModelVersionRow)
+        statement = select(*ModelVersionRow.__table__.columns)  # type: ignore[attr-defined]
         if query.name_prefix:
             statement = statement.where(col(ModelVersionRow.name).startswith(query.name_prefix, autoescape=True))
         if not query.include_archived:
@@ -640,7 +654,7 @@ class Registry:
         ordering = col(column).desc() if descending else col(column).asc()
         statement = statement.order_by(ordering, col(ModelVersionRow.id).desc()).offset(offset).limit(size + 1)
         with self.database.session() as session:
-            rows = list(session.exec(statement))
+            rows = list(session.execute(statement))
             return self._views(session, rows[:size]), paging.next_token(offset, size, len(rows))
 
     # ------------------------------------------------------------ changing
