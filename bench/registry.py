@@ -771,9 +771,9 @@ def seed_versions(database: Database, count: int) -> dict[str, Any]:
                 }
             )
             tags += [
-                {"version_id": row_id, "key": "team", "value": f"team-{model % SEED_TEAMS:02d}"},
-                {"version_id": row_id, "key": "stage", "value": stages[index % 3]},
-                {"version_id": row_id, "key": "dataset", "value": f"dataset-{index % 997}"},
+                {"version_id": row_id, "key": "team", "value": f"team-{model % SEED_TEAMS:02d}", "created_at": at},
+                {"version_id": row_id, "key": "stage", "value": stages[index % 3], "created_at": at},
+                {"version_id": row_id, "key": "dataset", "value": f"dataset-{index % 997}", "created_at": at},
             ]
             files.append({"version_id": row_id, "path": "model.pkl", "size": 4096, "sha256": f"{index:064x}"})
         with database.engine.begin() as connection:

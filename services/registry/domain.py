@@ -462,8 +462,9 @@ class Registry:
                 framework=row.framework,
                 description=row.description,
                 tags=tags.get(row.id, {}),
-                signature=Signature.model_validate_json(row.signature),
-                lineage=Lineage(
+                signature=_stored_signature(row.signature),
+                # Stored rows were validated on the way in: construct, do not validate again.
+                lineage=Lineage.model_construct(
                     run_id=row.run_id,
                     experiment=row.experiment,
                     git_repo=row.git_repo,
@@ -542,7 +543,10 @@ class Registry:
                 ModelFile(version_id=row.id, path=path, size=size, sha256=digest)
                 for path, (size, digest) in upload.files.items()
             )
-            session.add_all(ModelTag(version_id=row.id, key=key, value=value) for key, value in metadata.tags.items())
+            session.add_all(
+                ModelTag(version_id=row.id, key=key, value=value, created_at=row.created_at)
+                for key, value in metadata.tags.items()
+            )
             resource = resource_of(metadata.name, version)
             self._audit(session, upload.actor, "model.register", resource, files=len(upload.files), framework=framework)
             file_records = _within_budget(
@@ -637,9 +641,20 @@ class Registry:
             raise InvalidArgument(
                 f"{len(query.tags)} tag filters given; at most {MAX_TAG_FILTERS} may be combined", field="tags"
             )
+        # Newest-first (or oldest-first) with a `k=v` filter: join that tag and walk its index
+        # (key, value, created_at, version_id) in order, so a page costs a page of rows.
+        drive_by_tag = query.order_by in ("", "created_at", "-created_at")
+        driving_tag = False
         for tag_filter in query.tags:
             key, has_value, value = tag_filter.partition("=")
             check_tags({key: value}, "tags")
+            if drive_by_tag and has_value and not driving_tag:
+                statement = statement.join(
+                    ModelTag,
+                    (ModelTag.version_id == ModelVersionRow.id) & (ModelTag.key == key) & (ModelTag.value == value),
+                )
+                driving_tag = True
+                continue
             tagged = select(ModelTag.version_id).where(ModelTag.key == key)
             if has_value:
                 tagged = tagged.where(ModelTag.value == value)
@@ -651,8 +666,12 @@ class Registry:
                 (ModelAlias.name == ModelVersionRow.name) & (ModelAlias.version == ModelVersionRow.version),
             ).where(ModelAlias.alias == query.alias)
         column, descending = ORDERINGS[query.order_by]
-        ordering = col(column).desc() if descending else col(column).asc()
-        statement = statement.order_by(ordering, col(ModelVersionRow.id).desc()).offset(offset).limit(size + 1)
+        if driving_tag:
+            keys = [col(ModelTag.created_at), col(ModelTag.version_id)]
+        else:
+            keys = [col(column), col(ModelVersionRow.id)]
+        statement = statement.order_by(*(key.desc() if descending else key.asc() for key in keys))
+        statement = statement.offset(offset).limit(size + 1)
         with self.database.session() as session:
             rows = list(session.execute(statement))
             return self._views(session, rows[:size]), paging.next_token(offset, size, len(rows))
@@ -694,7 +713,7 @@ class Registry:
                     existing[key].value = value
                     session.add(existing[key])
                 else:
-                    session.add(ModelTag(version_id=row.id, key=key, value=value))
+                    session.add(ModelTag(version_id=row.id, key=key, value=value, created_at=row.created_at))
             changed = [
                 *(["tags"] if set_tags or remove_tags else []),
                 *(["description"] if description is not None else []),
@@ -1254,6 +1273,15 @@ class DatasetUpload(_Receiving):
         if self._writer is not None:
             self._writer.discard()
             self._writer = None
+
+
+def _stored_signature(stored: str) -> Signature:
+    """A signature as stored (validated when registered), rebuilt without validating again."""
+    data = json.loads(stored)
+    return Signature.model_construct(
+        inputs=[TensorSpec.model_construct(**spec) for spec in data.get("inputs", [])],
+        outputs=[TensorSpec.model_construct(**spec) for spec in data.get("outputs", [])],
+    )
 
 
 def _within_budget(items: Iterable[Any]) -> list[Any]:

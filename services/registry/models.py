@@ -62,12 +62,16 @@ class ModelFile(SQLModel, table=True):
 
 
 class ModelTag(SQLModel, table=True):
+    """A tag of a version. `created_at` repeats the version's (which never changes) so that a tag
+    search newest-first walks one index in order and stops after a page."""
+
     __tablename__ = "model_tags"
-    __table_args__ = (Index("ix_model_tags_key_value", "key", "value"),)
+    __table_args__ = (Index("ix_model_tags_search", "key", "value", "created_at", "version_id"),)
 
     version_id: int = Field(sa_column=_version_fk())
     key: str = Field(primary_key=True)
     value: str
+    created_at: float
 
 
 class ModelAlias(SQLModel, table=True):
