@@ -44,7 +44,8 @@ class BlobWriter:
             self._path.unlink()
             os.utime(target)  # a fresh mtime keeps the sweep's grace period from taking it
         else:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.parent.is_dir():
+                target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self._path, target)
         return digest
 

@@ -568,7 +568,22 @@ class Registry:
             )
             session.flush()
             upload.check_not_cancelled()
-            return self._view(session, row)
+        # A new version has no aliases or usages yet: its view needs no second read.
+        return VersionView(
+            name=row.name,
+            version=row.version,
+            framework=framework,
+            description=row.description,
+            tags=dict(metadata.tags),
+            signature=signature,
+            lineage=lineage,
+            files=sorted((FileView(path, size, digest) for path, (size, digest) in upload.files.items()), key=_path),
+            aliases=[],
+            status=READY,
+            created_by=upload.actor,
+            created_at=now,
+            updated_at=now,
+        )
 
     # ------------------------------------------------------------ reading
 
@@ -1273,6 +1288,10 @@ class DatasetUpload(_Receiving):
         if self._writer is not None:
             self._writer.discard()
             self._writer = None
+
+
+def _path(file: FileView) -> str:
+    return file.path
 
 
 def _stored_signature(stored: str) -> Signature:
