@@ -87,8 +87,10 @@ def default_actor() -> str:
         return "anonymous"
 
 
-def to_timestamp(moment: datetime) -> Timestamp:
-    """A datetime as a protobuf Timestamp; a naive datetime is taken as local time."""
+def to_timestamp(moment: datetime | None) -> Timestamp | None:
+    """A datetime as a protobuf Timestamp (None stays unset); a naive datetime is taken as local time."""
+    if moment is None:
+        return None
     value = Timestamp()
     value.FromDatetime(moment.astimezone(UTC))
     return value
@@ -311,7 +313,7 @@ class RegistryClient:
 
     def get(self, ref: str, at: datetime | None = None) -> registry_pb2.ModelVersion:
         """A model version by `name:version`, `name@alias` (at a past time with `at`) or `name`."""
-        request = registry_pb2.GetModelVersionRequest(ref=ref, at=to_timestamp(at) if at else None)
+        request = registry_pb2.GetModelVersionRequest(ref=ref, at=to_timestamp(at))
         return self._call(self._stub.GetModelVersion, request).model_version
 
     def list_models(
@@ -344,8 +346,8 @@ class RegistryClient:
             tags=tags or [],
             framework=framework,
             alias=alias,
-            created_after=to_timestamp(created_after) if created_after else None,
-            created_before=to_timestamp(created_before) if created_before else None,
+            created_after=to_timestamp(created_after),
+            created_before=to_timestamp(created_before),
             order_by=order_by,
             include_archived=include_archived,
             page_size=page_size,
@@ -501,8 +503,8 @@ class RegistryClient:
             git=git,
             datasets=datasets or [],
             status=status,
-            started_at=to_timestamp(started_at) if started_at else None,
-            ended_at=to_timestamp(ended_at) if ended_at else None,
+            started_at=to_timestamp(started_at),
+            ended_at=to_timestamp(ended_at),
         )
         return self._call(self._stub.RecordRun, registry_pb2.RecordRunRequest(run=run)).run
 
@@ -526,8 +528,8 @@ class RegistryClient:
             resource_prefix=resource_prefix,
             actor=actor,
             action=action,
-            since=to_timestamp(since) if since else None,
-            until=to_timestamp(until) if until else None,
+            since=to_timestamp(since),
+            until=to_timestamp(until),
             page_size=page_size,
             page_token=page_token,
         )

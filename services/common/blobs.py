@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from services.common.errors import DataLoss, NotFound
+from services.common.errors import DataLoss
 
 READ_CHUNK_BYTES = 1024 * 1024
 
@@ -124,9 +124,3 @@ class BlobStore:
             except FileNotFoundError:
                 continue
         return removed
-
-    def get_size(self, digest: str) -> int:
-        path = self.path_of(digest)
-        if not path.exists():
-            raise NotFound(f"blob {digest} not found")
-        return path.stat().st_size

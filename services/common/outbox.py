@@ -25,7 +25,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from services.common import telemetry
 from services.common.db import Database
 from services.common.errors import ResourceExhausted
-from services.common.events import CONTENT_TYPE, MAX_EVENT_BYTES, CloudEvent
+from services.common.events import CONTENT_TYPE, MAX_EVENT_BYTES, CloudEvent, subject_of
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Outbox:
         session.add(
             OutboxEvent(
                 id=event.id,
-                subject=f"mlmesh.events.{event.kind}",
+                subject=subject_of(event.kind),
                 payload=payload,
                 headers=json.dumps(headers),
                 created_at=time.time(),

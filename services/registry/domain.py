@@ -11,7 +11,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -591,8 +591,16 @@ class Registry:
         with self.database.session() as session:
             return self._view(session, self._version_row(session, Reference.parse(ref), at=at, read_only=True))
 
-    def files_of(self, ref: str) -> list[FileView]:
-        return self.get_version(ref).files
+    def download(self, ref: str, chunk_bytes: int) -> list[tuple[FileView, Iterator[bytes]]]:
+        """The version's files, each with its content as a lazy, checksum-verified chunk stream."""
+        with self.database.session() as session:
+            row = self._version_row(session, Reference.parse(ref), read_only=True)
+            files = session.execute(
+                select(ModelFile.path, ModelFile.size, ModelFile.sha256)
+                .where(ModelFile.version_id == row.id)
+                .order_by(col(ModelFile.path))
+            ).all()
+        return [(FileView(*file), self.blobs.read(file.sha256, chunk_bytes)) for file in files]
 
     def list_models(
         self, name_prefix: str = "", page_size: int = 0, page_token: str = ""

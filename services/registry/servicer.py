@@ -226,12 +226,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         )
 
     async def DownloadModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        files = await asyncio.to_thread(self.registry.files_of, request.ref)
-        for file in files:
+        files = await asyncio.to_thread(self.registry.download, request.ref, CHUNK_BYTES)
+        for file, chunks in files:
             yield registry_pb2.DownloadModelVersionResponse(
                 file=common_pb2.FileChunk(header=common_pb2.FileHeader(path=file.path))
             )
-            chunks = self.registry.blobs.read(file.sha256, CHUNK_BYTES)
             while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
                 yield registry_pb2.DownloadModelVersionResponse(file=common_pb2.FileChunk(data=chunk))
 

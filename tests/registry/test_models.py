@@ -231,14 +231,14 @@ async def test_audit_log_records_every_mutation_with_actor_and_reason(registry):
     assert len(only_alias.entries) == 1
 
 
-def test_the_database_refuses_to_change_the_audit_log(tmp_path):
+def test_the_database_refuses_to_change_the_audit_log(database_url):
     from sqlalchemy import text
     from sqlalchemy.exc import DatabaseError
 
     from services.common.db import Database
     from services.registry.models import TABLES, create_tables
 
-    database = Database(f"sqlite:///{tmp_path / 'r.db'}", TABLES)
+    database = Database(database_url, TABLES)
     create_tables(database)
     with database.engine.begin() as connection:
         connection.execute(
@@ -250,3 +250,6 @@ def test_the_database_refuses_to_change_the_audit_log(tmp_path):
     for statement in ("UPDATE audit_log SET actor = 'mallory'", "DELETE FROM audit_log"):
         with pytest.raises(DatabaseError, match="append-only"), database.engine.begin() as connection:
             connection.execute(text(statement))
+    with database.engine.connect() as connection:
+        assert connection.execute(text("SELECT actor FROM audit_log")).scalars().all() == ["a"]
+    database.dispose()
