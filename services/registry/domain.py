@@ -6,6 +6,7 @@ writes its audit entry and its event in the same transaction as the change.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -17,9 +18,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import func
+from sqlalchemy import Select, String, bindparam, cast, func, insert, literal, null, union_all
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, delete, select
+from sqlmodel import Session, SQLModel, col, delete, select
 
 from services.common import events, paging
 from services.common.blobs import BlobStore, BlobWriter
@@ -64,6 +66,9 @@ MAX_PATH = 1024
 MAX_TENSORS = 1024
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 READY, ARCHIVED = "READY", "ARCHIVED"
+
+Reader = Session | Connection
+"""Where reads run: a write transaction's session, or a plain connection (`Database.reader()`)."""
 
 
 # ---------------------------------------------------------------- input validation
@@ -313,6 +318,121 @@ ORDERINGS = {
 }
 
 
+# ---------------------------------------------------------------- prepared reads
+# Reads are the hot path, and building a SQLAlchemy statement costs several times more than
+# running it: the fixed ones are built once here, with bound parameters.
+
+_VERSION_COLUMNS = tuple(ModelVersionRow.__table__.columns)  # type: ignore[attr-defined]
+_VERSION_BY_NUMBER = select(*_VERSION_COLUMNS).where(
+    ModelVersionRow.name == bindparam("name"), ModelVersionRow.version == bindparam("version")
+)
+_LATEST_READY_VERSION = (
+    select(*_VERSION_COLUMNS)
+    .where(ModelVersionRow.name == bindparam("name"), ModelVersionRow.status == READY)
+    .order_by(col(ModelVersionRow.version).desc())
+    .limit(1)
+)
+_MODEL_NAME = select(RegisteredModel.name).where(RegisteredModel.name == bindparam("name"))
+_ALIAS_NOW = select(ModelAlias.version).where(
+    ModelAlias.name == bindparam("name"), ModelAlias.alias == bindparam("alias")
+)
+_ALIAS_AT = (
+    select(AliasChange.version)
+    .where(
+        AliasChange.name == bindparam("name"),
+        AliasChange.alias == bindparam("alias"),
+        AliasChange.at <= bindparam("at"),
+    )
+    .order_by(col(AliasChange.at).desc(), col(AliasChange.id).desc())
+    .limit(1)
+)
+_FILES_OF = (
+    select(ModelFile.version_id, ModelFile.path, ModelFile.size, ModelFile.sha256)
+    .where(col(ModelFile.version_id).in_(bindparam("ids", expanding=True)))
+    .order_by(col(ModelFile.path))
+)
+_INSERT_VERSION = insert(ModelVersionRow).returning(ModelVersionRow.id)  # type: ignore[arg-type]
+_INSERT_FILE = insert(ModelFile)
+_INSERT_TAG = insert(ModelTag)
+_INSERT_AUDIT = insert(AuditEntryRow)
+_NO_TEXT = cast(null(), String)
+# Everything a view needs besides the version row, in one statement: (kind, version_id or
+# version, text, text, number). Kinds: "f" file (path, sha256, size), "t" tag (key, value),
+# "u" usage (deployment), "a" alias (alias, model name; the second column is the version).
+_RELATED_OF = union_all(
+    select(literal("f"), ModelFile.version_id, ModelFile.path, ModelFile.sha256, ModelFile.size).where(
+        col(ModelFile.version_id).in_(bindparam("ids", expanding=True))
+    ),
+    select(literal("t"), ModelTag.version_id, ModelTag.key, ModelTag.value, null()).where(
+        col(ModelTag.version_id).in_(bindparam("ids", expanding=True))
+    ),
+    select(literal("u"), ModelUsage.version_id, ModelUsage.deployment_id, _NO_TEXT, null()).where(
+        col(ModelUsage.version_id).in_(bindparam("ids", expanding=True))
+    ),
+    select(literal("a"), ModelAlias.version, ModelAlias.alias, ModelAlias.name, null()).where(
+        col(ModelAlias.name).in_(bindparam("names", expanding=True))
+    ),
+)
+
+
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern (escape character '/') matching strings that start with `prefix`."""
+    return prefix.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
+
+
+@functools.lru_cache(maxsize=256)
+def _search_statement(
+    has_prefix: bool,
+    include_archived: bool,
+    has_framework: bool,
+    has_after: bool,
+    has_before: bool,
+    tag_filters: tuple[bool, ...],
+    has_alias: bool,
+    order_by: str,
+) -> Select[Any]:
+    """The search statement for one combination of filters, with every value a bound parameter
+    (`tag_filters` says, per tag filter, whether it has a value)."""
+    statement = select(*_VERSION_COLUMNS)
+    if has_prefix:
+        statement = statement.where(col(ModelVersionRow.name).like(bindparam("prefix"), escape="/"))
+    if not include_archived:
+        statement = statement.where(ModelVersionRow.status == READY)
+    if has_framework:
+        statement = statement.where(ModelVersionRow.framework == bindparam("framework"))
+    if has_after:
+        statement = statement.where(ModelVersionRow.created_at >= bindparam("after"))
+    if has_before:
+        statement = statement.where(ModelVersionRow.created_at < bindparam("before"))
+    # Newest-first (or oldest-first) with a `k=v` filter: join that tag and walk its index
+    # (key, value, created_at, version_id) in order, so a page costs a page of rows.
+    drive_by_tag = order_by in ("", "created_at", "-created_at")
+    driving_tag = False
+    for number, has_value in enumerate(tag_filters):
+        key, value = bindparam(f"key{number}"), bindparam(f"value{number}")
+        if drive_by_tag and has_value and not driving_tag:
+            statement = statement.join(
+                ModelTag,
+                (ModelTag.version_id == ModelVersionRow.id) & (ModelTag.key == key) & (ModelTag.value == value),
+            )
+            driving_tag = True
+            continue
+        tagged = select(ModelTag.version_id).where(ModelTag.key == key)
+        if has_value:
+            tagged = tagged.where(ModelTag.value == value)
+        statement = statement.where(col(ModelVersionRow.id).in_(tagged))
+    if has_alias:
+        statement = statement.join(
+            ModelAlias, (ModelAlias.name == ModelVersionRow.name) & (ModelAlias.version == ModelVersionRow.version)
+        ).where(ModelAlias.alias == bindparam("alias"))
+    column, descending = ORDERINGS[order_by]
+    keys = (
+        [col(ModelTag.created_at), col(ModelTag.version_id)] if driving_tag else [col(column), col(ModelVersionRow.id)]
+    )
+    statement = statement.order_by(*(key.desc() if descending else key.asc() for key in keys))
+    return statement.offset(bindparam("offset")).limit(bindparam("limit"))
+
+
 def resource_of(name: str, version: int) -> str:
     return f"models/{name}/versions/{version}"
 
@@ -341,120 +461,109 @@ class Registry:
         self.max_version_bytes = max_version_bytes
         self.max_files_per_version = max_files_per_version
         self.max_dataset_bytes = max_dataset_bytes
+        self._counters: dict[type[SQLModel], Any] = {}
 
     # ------------------------------------------------------------ shared steps
 
     def _audit(
         self, session: Session, actor: str, action: str, resource: str, reason: str = "", **details: Any
     ) -> None:
-        session.add(
-            AuditEntryRow(
-                at=time.time(),
-                actor=actor,
-                action=action,
-                resource=resource,
-                reason=reason,
-                details=json.dumps(details, default=str),
-            )
+        session.execute(
+            _INSERT_AUDIT,
+            {
+                "at": time.time(),
+                "actor": actor,
+                "action": action,
+                "resource": resource,
+                "reason": reason,
+                "details": json.dumps(details, default=str),
+            },
         )
 
     def _emit(self, session: Session, payload: events.EventPayload, subject: str) -> None:
         self.outbox.add(session, events.make_event(SERVICE, payload, subject))
 
     def _next_version(self, session: Session, table: type[RegisteredModel] | type[DatasetName], name: str) -> int:
-        """Allocate the next version of `name`; the row lock serialises concurrent callers."""
+        """Allocate the next version of `name` in one upsert; its row lock serialises concurrent callers."""
+        statement = self._counters.get(table)
+        if statement is None:
+            insert = self.database.insert(table)
+            statement = self._counters[table] = insert.on_conflict_do_update(
+                index_elements=[table.name],
+                set_={"latest_version": table.latest_version + 1, "updated_at": insert.excluded.updated_at},
+            ).returning(table.latest_version)
         now = time.time()
-        self.database.insert_ignoring_conflicts(
-            session, table, name=name, latest_version=0, created_at=now, updated_at=now
-        )
-        counter = session.exec(select(table).where(table.name == name).with_for_update()).one()
-        counter.latest_version += 1
-        counter.updated_at = now
-        session.add(counter)
-        return counter.latest_version
+        values = {"name": name, "latest_version": 1, "created_at": now, "updated_at": now}
+        return session.execute(statement, values).scalar_one()
 
     def _version_row(
-        self, session: Session, ref: Reference, *, at: float | None = None, lock: bool = False, read_only: bool = False
+        self, reader: Reader, ref: Reference, *, at: float | None = None, lock: bool = False, read_only: bool = False
     ) -> ModelVersionRow:
         """The version a reference names; `read_only` gives a plain row (faster) instead of an ORM object."""
         version = ref.version
         if ref.alias:
-            version = self._alias_target(session, ref.name, ref.alias, at)
-        query = (
-            select(*ModelVersionRow.__table__.columns) if read_only else select(ModelVersionRow)  # type: ignore[attr-defined]
-        ).where(ModelVersionRow.name == ref.name)
-        if version is None:
-            query = query.where(ModelVersionRow.status == READY).order_by(col(ModelVersionRow.version).desc()).limit(1)
+            version = self._alias_target(reader, ref.name, ref.alias, at)
+        row: Any
+        if read_only:
+            if version is None:
+                row = reader.execute(_LATEST_READY_VERSION, {"name": ref.name}).first()
+            else:
+                row = reader.execute(_VERSION_BY_NUMBER, {"name": ref.name, "version": version}).first()
         else:
-            query = query.where(ModelVersionRow.version == version)
-        if lock:
-            query = query.with_for_update()
-        row = (session.execute(query) if read_only else session.exec(query)).first()
+            assert isinstance(reader, Session)
+            query = select(ModelVersionRow).where(ModelVersionRow.name == ref.name)
+            if version is None:
+                query = query.where(ModelVersionRow.status == READY).order_by(col(ModelVersionRow.version).desc())
+            else:
+                query = query.where(ModelVersionRow.version == version)
+            if lock:
+                query = query.with_for_update()
+            row = reader.exec(query.limit(1)).first()
         if row is None:
-            if session.get(RegisteredModel, ref.name) is None:
-                raise NotFound(f"model {ref.name!r} does not exist", reason="MODEL_NOT_FOUND")
+            self._require_model(reader, ref.name)
             if version is None:
                 raise NotFound(f"model {ref.name!r} has no version that is not archived")
             raise NotFound(f"model {ref.name!r} has no version {version}", reason="VERSION_NOT_FOUND")
         return row
 
-    def _alias_target(self, session: Session, name: str, alias: str, at: float | None) -> int:
+    def _alias_target(self, reader: Reader, name: str, alias: str, at: float | None) -> int:
         if at is None:
-            current = session.execute(
-                select(ModelAlias.version).where(ModelAlias.name == name, ModelAlias.alias == alias)
-            ).scalar()
+            current = reader.execute(_ALIAS_NOW, {"name": name, "alias": alias}).scalar()
             if current is None:
-                self._require_model(session, name)
+                self._require_model(reader, name)
                 raise NotFound(f"model {name!r} has no alias {alias!r}", reason="ALIAS_NOT_FOUND")
             return current
-        change = session.exec(
-            select(AliasChange)
-            .where(AliasChange.name == name, AliasChange.alias == alias, AliasChange.at <= at)
-            .order_by(col(AliasChange.at).desc(), col(AliasChange.id).desc())
-            .limit(1)
-        ).first()
-        if change is None or change.version == 0:
+        version = reader.execute(_ALIAS_AT, {"name": name, "alias": alias, "at": at}).scalar()
+        if not version:
             raise NotFound(
                 f"alias {alias!r} of model {name!r} pointed at no version at that time",
                 reason="ALIAS_NOT_FOUND",
             )
-        return change.version
+        return version
 
-    def _require_model(self, session: Session, name: str) -> RegisteredModel:
-        model = session.get(RegisteredModel, name)
-        if model is None:
+    def _require_model(self, reader: Reader, name: str) -> None:
+        if reader.execute(_MODEL_NAME, {"name": name}).first() is None:
             raise NotFound(f"model {name!r} does not exist", reason="MODEL_NOT_FOUND")
-        return model
 
-    def _views(self, session: Session, rows: list[ModelVersionRow]) -> list[VersionView]:
+    def _views(self, reader: Reader, rows: list[Any]) -> list[VersionView]:
         """Assemble views for many rows with one query per related table."""
         if not rows:
             return []
         # Plain column rows, not ORM objects: building views is the hot path of every read.
-        ids = [row.id for row in rows]
         files: dict[int, list[FileView]] = {}
-        for version_id, path, size, digest in session.execute(
-            select(ModelFile.version_id, ModelFile.path, ModelFile.size, ModelFile.sha256)
-            .where(col(ModelFile.version_id).in_(ids))
-            .order_by(col(ModelFile.path))
-        ):
-            files.setdefault(version_id, []).append(FileView(path, size, digest))
         tags: dict[int, dict[str, str]] = {}
-        for version_id, key, value in session.execute(
-            select(ModelTag.version_id, ModelTag.key, ModelTag.value).where(col(ModelTag.version_id).in_(ids))
-        ):
-            tags.setdefault(version_id, {})[key] = value
         usages: dict[int, list[str]] = {}
-        for version_id, deployment_id in session.execute(
-            select(ModelUsage.version_id, ModelUsage.deployment_id).where(col(ModelUsage.version_id).in_(ids))
-        ):
-            usages.setdefault(version_id, []).append(deployment_id)
         aliases: dict[tuple[str, int], list[str]] = {}
-        names = {row.name for row in rows}
-        for name, alias, version in session.execute(
-            select(ModelAlias.name, ModelAlias.alias, ModelAlias.version).where(col(ModelAlias.name).in_(names))
-        ):
-            aliases.setdefault((name, version), []).append(alias)
+        related = {"ids": [row.id for row in rows], "names": list({row.name for row in rows})}
+        for kind, number, first, second, size in reader.execute(_RELATED_OF, related):
+            if kind == "f":
+                files.setdefault(number, []).append(FileView(first, size, second))
+            elif kind == "t":
+                tags.setdefault(number, {})[first] = second
+            elif kind == "u":
+                usages.setdefault(number, []).append(first)
+            else:
+                aliases.setdefault((second, number), []).append(first)
         return [
             VersionView(
                 name=row.name,
@@ -470,11 +579,11 @@ class Registry:
                     git_repo=row.git_repo,
                     git_branch=row.git_branch,
                     git_commit=row.git_commit,
-                    datasets=json.loads(row.datasets),
+                    datasets=json.loads(row.datasets) if row.datasets != "[]" else [],
                     environment=row.environment,
                     parent_version=row.parent_version,
                 ),
-                files=files.get(row.id, []),
+                files=sorted(files.get(row.id, []), key=_path),
                 aliases=sorted(aliases.get((row.name, row.version), [])),
                 status=row.status,
                 created_by=row.created_by,
@@ -485,8 +594,8 @@ class Registry:
             for row in rows
         ]
 
-    def _view(self, session: Session, row: ModelVersionRow) -> VersionView:
-        return self._views(session, [row])[0]
+    def _view(self, reader: Reader, row: Any) -> VersionView:
+        return self._views(reader, [row])[0]
 
     # ------------------------------------------------------------ registering versions
 
@@ -517,36 +626,43 @@ class Registry:
                     f"lineage.parent_version {lineage.parent_version} must be an earlier version",
                     field="lineage.parent_version",
                 )
-            row = ModelVersionRow(
-                name=metadata.name,
-                version=version,
-                framework=framework,
-                description=metadata.description,
-                signature=signature.model_dump_json(),
-                run_id=lineage.run_id,
-                experiment=lineage.experiment,
-                git_repo=lineage.git_repo,
-                git_branch=lineage.git_branch,
-                git_commit=lineage.git_commit,
-                datasets=json.dumps(lineage.datasets),
-                environment=lineage.environment,
-                parent_version=lineage.parent_version,
-                status=READY,
-                created_by=upload.actor,
-                created_at=now,
-                updated_at=now,
+            version_id = session.execute(
+                _INSERT_VERSION,
+                {
+                    "name": metadata.name,
+                    "version": version,
+                    "framework": framework,
+                    "description": metadata.description,
+                    "signature": signature.model_dump_json(),
+                    "run_id": lineage.run_id,
+                    "experiment": lineage.experiment,
+                    "git_repo": lineage.git_repo,
+                    "git_branch": lineage.git_branch,
+                    "git_commit": lineage.git_commit,
+                    "datasets": json.dumps(lineage.datasets),
+                    "environment": lineage.environment,
+                    "parent_version": lineage.parent_version,
+                    "status": READY,
+                    "created_by": upload.actor,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            ).scalar_one()
+            session.execute(
+                _INSERT_FILE,
+                [
+                    {"version_id": version_id, "path": path, "size": size, "sha256": digest}
+                    for path, (size, digest) in upload.files.items()
+                ],
             )
-            session.add(row)
-            session.flush()
-            assert row.id is not None
-            session.add_all(
-                ModelFile(version_id=row.id, path=path, size=size, sha256=digest)
-                for path, (size, digest) in upload.files.items()
-            )
-            session.add_all(
-                ModelTag(version_id=row.id, key=key, value=value, created_at=row.created_at)
-                for key, value in metadata.tags.items()
-            )
+            if metadata.tags:
+                session.execute(
+                    _INSERT_TAG,
+                    [
+                        {"version_id": version_id, "key": key, "value": value, "created_at": now}
+                        for key, value in metadata.tags.items()
+                    ],
+                )
             resource = resource_of(metadata.name, version)
             self._audit(session, upload.actor, "model.register", resource, files=len(upload.files), framework=framework)
             file_records = _within_budget(
@@ -570,10 +686,10 @@ class Registry:
             upload.check_not_cancelled()
         # A new version has no aliases or usages yet: its view needs no second read.
         return VersionView(
-            name=row.name,
-            version=row.version,
+            name=metadata.name,
+            version=version,
             framework=framework,
-            description=row.description,
+            description=metadata.description,
             tags=dict(metadata.tags),
             signature=signature,
             lineage=lineage,
@@ -588,19 +704,17 @@ class Registry:
     # ------------------------------------------------------------ reading
 
     def get_version(self, ref: str, at: float | None = None) -> VersionView:
-        with self.database.session() as session:
-            return self._view(session, self._version_row(session, Reference.parse(ref), at=at, read_only=True))
+        reference = Reference.parse(ref)
+        with self.database.reader() as reader:
+            return self._view(reader, self._version_row(reader, reference, at=at, read_only=True))
 
     def download(self, ref: str, chunk_bytes: int) -> list[tuple[FileView, Iterator[bytes]]]:
         """The version's files, each with its content as a lazy, checksum-verified chunk stream."""
-        with self.database.session() as session:
-            row = self._version_row(session, Reference.parse(ref), read_only=True)
-            files = session.execute(
-                select(ModelFile.path, ModelFile.size, ModelFile.sha256)
-                .where(ModelFile.version_id == row.id)
-                .order_by(col(ModelFile.path))
-            ).all()
-        return [(FileView(*file), self.blobs.read(file.sha256, chunk_bytes)) for file in files]
+        reference = Reference.parse(ref)
+        with self.database.reader() as reader:
+            row = self._version_row(reader, reference, read_only=True)
+            files = reader.execute(_FILES_OF, {"ids": [row.id]}).all()
+        return [(FileView(path, size, digest), self.blobs.read(digest, chunk_bytes)) for _, path, size, digest in files]
 
     def list_models(
         self, name_prefix: str = "", page_size: int = 0, page_token: str = ""
@@ -649,55 +763,39 @@ class Registry:
                 f"framework {query.framework[:40]!r} is not one of {', '.join(FRAMEWORKS)}", field="framework"
             )
         check_text(query.name_prefix, "name_prefix", 128)
-        statement = select(*ModelVersionRow.__table__.columns)  # type: ignore[attr-defined]
-        if query.name_prefix:
-            statement = statement.where(col(ModelVersionRow.name).startswith(query.name_prefix, autoescape=True))
-        if not query.include_archived:
-            statement = statement.where(ModelVersionRow.status == READY)
-        if query.framework:
-            statement = statement.where(ModelVersionRow.framework == query.framework)
-        if query.created_after is not None:
-            statement = statement.where(ModelVersionRow.created_at >= query.created_after)
-        if query.created_before is not None:
-            statement = statement.where(ModelVersionRow.created_at < query.created_before)
         if len(query.tags) > MAX_TAG_FILTERS:
             raise InvalidArgument(
                 f"{len(query.tags)} tag filters given; at most {MAX_TAG_FILTERS} may be combined", field="tags"
             )
-        # Newest-first (or oldest-first) with a `k=v` filter: join that tag and walk its index
-        # (key, value, created_at, version_id) in order, so a page costs a page of rows.
-        drive_by_tag = query.order_by in ("", "created_at", "-created_at")
-        driving_tag = False
-        for tag_filter in query.tags:
+        values: dict[str, Any] = {"offset": offset, "limit": size + 1}
+        tag_filters = []
+        for number, tag_filter in enumerate(query.tags):
             key, has_value, value = tag_filter.partition("=")
             check_tags({key: value}, "tags")
-            if drive_by_tag and has_value and not driving_tag:
-                statement = statement.join(
-                    ModelTag,
-                    (ModelTag.version_id == ModelVersionRow.id) & (ModelTag.key == key) & (ModelTag.value == value),
-                )
-                driving_tag = True
-                continue
-            tagged = select(ModelTag.version_id).where(ModelTag.key == key)
-            if has_value:
-                tagged = tagged.where(ModelTag.value == value)
-            statement = statement.where(col(ModelVersionRow.id).in_(tagged))
+            values[f"key{number}"], values[f"value{number}"] = key, value
+            tag_filters.append(bool(has_value))
         if query.alias:
             check_name(query.alias, "alias")
-            statement = statement.join(
-                ModelAlias,
-                (ModelAlias.name == ModelVersionRow.name) & (ModelAlias.version == ModelVersionRow.version),
-            ).where(ModelAlias.alias == query.alias)
-        column, descending = ORDERINGS[query.order_by]
-        if driving_tag:
-            keys = [col(ModelTag.created_at), col(ModelTag.version_id)]
-        else:
-            keys = [col(column), col(ModelVersionRow.id)]
-        statement = statement.order_by(*(key.desc() if descending else key.asc() for key in keys))
-        statement = statement.offset(offset).limit(size + 1)
-        with self.database.session() as session:
-            rows = list(session.execute(statement))
-            return self._views(session, rows[:size]), paging.next_token(offset, size, len(rows))
+        statement = _search_statement(
+            bool(query.name_prefix),
+            query.include_archived,
+            bool(query.framework),
+            query.created_after is not None,
+            query.created_before is not None,
+            tuple(tag_filters),
+            bool(query.alias),
+            query.order_by,
+        )
+        values.update(
+            prefix=_like_prefix(query.name_prefix),
+            framework=query.framework,
+            after=query.created_after,
+            before=query.created_before,
+            alias=query.alias,
+        )
+        with self.database.reader() as reader:
+            rows = list(reader.execute(statement, values))
+            return self._views(reader, rows[:size]), paging.next_token(offset, size, len(rows))
 
     # ------------------------------------------------------------ changing
 
@@ -1302,8 +1400,10 @@ def _path(file: FileView) -> str:
     return file.path
 
 
+@functools.lru_cache(maxsize=4096)
 def _stored_signature(stored: str) -> Signature:
-    """A signature as stored (validated when registered), rebuilt without validating again."""
+    """A signature as stored (validated when registered), rebuilt without validating again.
+    Versions of a model mostly share one signature, so rebuilt ones are kept (never mutate them)."""
     data = json.loads(stored)
     return Signature.model_construct(
         inputs=[TensorSpec.model_construct(**spec) for spec in data.get("inputs", [])],
