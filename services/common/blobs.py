@@ -10,50 +10,73 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from services.common.errors import DataLoss
 
 READ_CHUNK_BYTES = 1024 * 1024
+SPOOL_BYTES = 1024 * 1024
+"""A blob being received stays in memory up to this size."""
 
 
 class BlobWriter:
-    """Streams one blob into a temporary file; `commit()` moves it into place by its hash."""
+    """Streams one blob in: kept in memory while small, spilled to a temporary file once it grows;
+    `commit()` makes it durable under its hash (the event loop never waits on the disk for small
+    files, and content that is already stored is not written again)."""
 
     def __init__(self, store: BlobStore) -> None:
         self._store = store
-        handle, name = tempfile.mkstemp(dir=store.temporary, prefix="upload-")
-        self._file = os.fdopen(handle, "wb")
-        self._path = Path(name)
+        self._buffer: bytearray | None = bytearray()
+        self._file: BinaryIO | None = None
+        self._path: Path | None = None
         self._hash = hashlib.sha256()
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        if self._buffer is not None:
+            self._buffer += data
+            if len(self._buffer) > SPOOL_BYTES:
+                self._spill()
+        else:
+            assert self._file is not None
+            self._file.write(data)
         self._hash.update(data)
         self.size += len(data)
 
+    def _spill(self) -> None:
+        handle, name = tempfile.mkstemp(dir=self._store.temporary, prefix="upload-")
+        self._file, self._path = os.fdopen(handle, "wb"), Path(name)
+        if self._buffer:
+            self._file.write(self._buffer)
+        self._buffer = None
+
     def commit(self) -> str:
         """Make the blob durable under its sha256 and return the hex digest."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
         digest = self._hash.hexdigest()
         target = self._store.path_of(digest)
         self._store.pin(digest)
         if target.exists():
-            self._path.unlink()
+            self.discard()
             os.utime(target)  # a fresh mtime keeps the sweep's grace period from taking it
-        else:
-            if not target.parent.is_dir():
-                target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self._path, target)
+            return digest
+        if self._file is None:
+            self._spill()
+        assert self._file is not None and self._path is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if not target.parent.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._path, target)
         return digest
 
     def discard(self) -> None:
         """Throw the partial blob away (failed or cancelled upload)."""
-        if not self._file.closed:
+        self._buffer = None
+        if self._file is not None and not self._file.closed:
             self._file.close()
-        self._path.unlink(missing_ok=True)
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
 
 
 class BlobStore:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Table, event
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -18,6 +22,7 @@ from sqlmodel import Session, SQLModel, create_engine
 from services.common.errors import Unavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+T = TypeVar("T")
 
 
 class Database:
@@ -46,6 +51,21 @@ class Database:
         # woken at once. PostgreSQL writers run side by side.
         self._writer_turn: AbstractContextManager[Any] = threading.Lock() if self.is_sqlite else nullcontext()
         self.tables: list[Table] = [model.__table__ for model in tables]  # type: ignore[attr-defined]
+        self._threads = ThreadPoolExecutor(max_workers=2 if self.is_sqlite else pool_size, thread_name_prefix="db")
+
+    async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run blocking work that uses this database on its own few threads, in the caller's
+        context (trace). Few threads, because more only fight over the GIL: two on SQLite, whose
+        writers take turns anyway, more on PostgreSQL, where they wait on the network."""
+        call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, call)
+
+    async def read(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a read: on SQLite inline, since reading a local file takes a fraction of a
+        millisecond and never waits on a network, which is cheaper than a hop to a thread."""
+        if self.is_sqlite:
+            return function(*args, **kwargs)
+        return await self.run(function, *args, **kwargs)
 
     def create_tables(self) -> None:
         """Create this service's tables (and append-only triggers) when missing."""
@@ -79,11 +99,13 @@ class Database:
                 session.close()
 
     def insert(self, model: type[SQLModel]) -> Any:
-        """This database's own INSERT construct for `model`'s table (it has ON CONFLICT clauses)."""
+        """This database's own INSERT construct for `model`'s table (it has ON CONFLICT clauses),
+        on the table itself so that running it skips the ORM's bulk-insert machinery."""
         table = model.__table__  # type: ignore[attr-defined]
         return sqlite_insert(table) if self.is_sqlite else postgresql_insert(table)
 
     def dispose(self) -> None:
+        self._threads.shutdown(wait=False)
         self.engine.dispose()
 
 

@@ -3,8 +3,15 @@
 A service adds an event to its outbox in the same database transaction as the change the
 event describes, so either both happen or neither. The relay publishes unsent rows to the
 `MLMESH_EVENTS` stream with `Nats-Msg-Id` = event id, waits for each ack, and marks them sent.
-While NATS is unreachable rows simply wait; nothing is lost. On PostgreSQL several relays may
-share one database: rows are claimed with FOR UPDATE SKIP LOCKED.
+
+Two paths lead to NATS. Live: when a transaction commits, its rows are handed to the relay of
+the same process, which publishes them at once without reading them back. Catch-up: at start,
+after any failure, when the live queue overflows, and every `poll_seconds` when idle, the relay
+publishes whatever the table still holds unsent, oldest first, before going live again; that
+covers events of a process that died, and every event while NATS was away. Rows are marked sent
+in batches a few milliseconds later; an event published twice (a crash before its mark, or two
+paths racing) carries the same `Nats-Msg-Id` and JetStream keeps one. On PostgreSQL several
+relays may share one database: catch-up claims rows with FOR UPDATE SKIP LOCKED.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Column, Index, LargeBinary, String, any_, bindparam, delete, func, update
+from sqlalchemy import Column, Index, LargeBinary, String, any_, bindparam, delete, func, insert, update
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -45,12 +54,21 @@ class OutboxEvent(SQLModel, table=True):
     attempts: int = 0
 
 
+_INSERT_EVENT = insert(OutboxEvent.__table__)  # type: ignore[attr-defined]
+MAX_READY = 10_000
+"""Committed rows the live path holds at most; beyond, the relay catches up from the table."""
+
+
 class Outbox:
-    """Adds events to a session; wakes the relay when that session commits."""
+    """Adds events to a session; hands them to this process's relay when that session commits."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
+        self.ready: deque[dict[str, Any]] = deque()
+        """Committed rows not yet published by the live path, oldest first (relay's loop only)."""
+        self.overflowed = False
+        """Rows were committed that `ready` could not hold: the relay must catch up from the table."""
 
     def add(self, session: Session, event: CloudEvent) -> None:
         """Stage `event` in the caller's transaction."""
@@ -60,23 +78,33 @@ class Outbox:
                 f"event {event.type} is {len(payload)} bytes; events must stay under {MAX_EVENT_BYTES} bytes"
             )
         headers = {"Content-Type": CONTENT_TYPE, **telemetry.inject_headers()}
-        session.add(
-            OutboxEvent(
-                id=event.id,
-                subject=subject_of(event.kind),
-                payload=payload,
-                headers=json.dumps(headers),
-                created_at=time.time(),
-            )
-        )
-        if not session.info.get("outbox_listening"):
-            session.info["outbox_listening"] = True
-            sqlalchemy_event.listen(session, "after_commit", lambda _session: self.notify())
+        row = {
+            "id": event.id,
+            "subject": subject_of(event.kind),
+            "payload": payload,
+            "headers": json.dumps(headers),
+            "created_at": time.time(),
+            "attempts": 0,
+        }
+        session.execute(_INSERT_EVENT, row)
+        staged = session.info.get("outbox_staged")
+        if staged is None:
+            staged = session.info["outbox_staged"] = []
+            sqlalchemy_event.listen(session, "after_commit", self._committed)
+            sqlalchemy_event.listen(session, "after_rollback", _forget_staged)
+        staged.append(row)
 
-    def notify(self) -> None:
-        """Wake the relay (safe from any thread)."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._wake.set)
+    def _committed(self, session: Session) -> None:
+        rows = session.info.pop("outbox_staged", None)
+        if rows and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._hand_over, rows)
+
+    def _hand_over(self, rows: list[dict[str, Any]]) -> None:
+        if len(self.ready) + len(rows) > MAX_READY:
+            self.overflowed = True
+        else:
+            self.ready.extend(rows)
+        self._wake.set()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -85,6 +113,10 @@ class Outbox:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
         self._wake.clear()
+
+
+def _forget_staged(session: Session) -> None:
+    session.info.pop("outbox_staged", None)
 
 
 class Relay:
@@ -100,6 +132,7 @@ class Relay:
         poll_seconds: float = 1.0,
         retention_seconds: float = 7 * 24 * 3600,
         publish_timeout: float = 5.0,
+        mark_delay_seconds: float = 0.02,
     ) -> None:
         self.database = database
         self.outbox = outbox
@@ -108,7 +141,10 @@ class Relay:
         self.poll_seconds = poll_seconds
         self.retention_seconds = retention_seconds
         self.publish_timeout = publish_timeout
+        self.mark_delay_seconds = mark_delay_seconds
         self.published = 0
+        self._unmarked: list[str] = []
+        self._unmarked_since = 0.0
         self._next_prune = 0.0
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-relay")
 
@@ -124,22 +160,53 @@ class Relay:
             backoff = 0.1
             while True:
                 try:
-                    moved = await self.drain(jetstream)
+                    await self.catch_up(jetstream)
                     backoff = 0.1
+                    await self.live(jetstream)
                 except Exception as error:  # NATS or the database is away: wait and retry
                     log.warning("outbox relay: %s; retrying in %.1fs", error, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
-                    continue
-                await self.prune_if_due()
-                if moved < self.batch_size:
-                    await self.outbox.wait(self.poll_seconds)
         finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._flush_marks(), 5)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), 2)
 
+    async def catch_up(self, jetstream: Any) -> None:
+        """Publish everything the table still holds unsent, batch by batch, oldest first."""
+        await self._flush_marks()
+        while True:
+            # Whatever was handed over until now is in the table too; this pass publishes it.
+            self.outbox.ready.clear()
+            self.outbox.overflowed = False
+            if await self.drain(jetstream) < self.batch_size:
+                return
+
+    async def live(self, jetstream: Any) -> None:
+        """Publish rows as their transactions commit; return when the table needs a catch-up."""
+        next_poll = time.monotonic() + self.poll_seconds
+        while not self.outbox.overflowed:
+            ready = self.outbox.ready
+            if ready:
+                rows = [ready.popleft() for _ in range(min(len(ready), self.batch_size))]
+                await self._publish_all(jetstream, rows)
+                continue
+            now = time.monotonic()
+            if self._unmarked and now - self._unmarked_since >= self.mark_delay_seconds:
+                await self._flush_marks()
+                continue
+            if now >= next_poll:
+                await self._flush_marks()
+                await self.prune_if_due()
+                return
+            timeout = next_poll - now
+            if self._unmarked:
+                timeout = min(timeout, self._unmarked_since + self.mark_delay_seconds - now)
+            await self.outbox.wait(timeout)
+
     async def drain(self, jetstream: Any) -> int:
-        """Publish one batch of pending events; return how many were marked sent."""
+        """Publish one batch of pending events from the table; return how many were marked sent."""
         session = self.database.session()
         try:
             rows = await self._in_relay_thread(self._claim, session)
@@ -155,6 +222,29 @@ class Relay:
             return len(sent)
         finally:
             # Queued behind any database work still running, even when this task was cancelled.
+            self._thread.submit(session.close)
+
+    async def _publish_all(self, jetstream: Any, rows: list[dict[str, Any]]) -> None:
+        results = await asyncio.gather(
+            *(self._publish(jetstream, SimpleNamespace(**row)) for row in rows), return_exceptions=True
+        )
+        sent = [row["id"] for row, result in zip(rows, results, strict=True) if not isinstance(result, BaseException)]
+        if sent and not self._unmarked:
+            self._unmarked_since = time.monotonic()
+        self._unmarked.extend(sent)
+        self.published += len(sent)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _flush_marks(self) -> None:
+        if not self._unmarked:
+            return
+        ids, self._unmarked = self._unmarked, []
+        session = self.database.session()
+        try:
+            await self._in_relay_thread(self._mark_sent, session, ids)
+        finally:
             self._thread.submit(session.close)
 
     async def _publish(self, jetstream: Any, row: Any) -> Any:

@@ -351,10 +351,11 @@ _FILES_OF = (
     .where(col(ModelFile.version_id).in_(bindparam("ids", expanding=True)))
     .order_by(col(ModelFile.path))
 )
-_INSERT_VERSION = insert(ModelVersionRow).returning(ModelVersionRow.id)  # type: ignore[arg-type]
-_INSERT_FILE = insert(ModelFile)
-_INSERT_TAG = insert(ModelTag)
-_INSERT_AUDIT = insert(AuditEntryRow)
+# Inserts into the tables themselves (not the ORM classes) skip the ORM's bulk-insert machinery.
+_INSERT_VERSION = insert(ModelVersionRow.__table__).returning(ModelVersionRow.__table__.c.id)  # type: ignore[attr-defined]
+_INSERT_FILE = insert(ModelFile.__table__)  # type: ignore[attr-defined]
+_INSERT_TAG = insert(ModelTag.__table__)  # type: ignore[attr-defined]
+_INSERT_AUDIT = insert(AuditEntryRow.__table__)  # type: ignore[attr-defined]
 _NO_TEXT = cast(null(), String)
 # Everything a view needs besides the version row, in one statement: (kind, version_id or
 # version, text, text, number). Kinds: "f" file (path, sha256, size), "t" tag (key, value),

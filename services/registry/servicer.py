@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -13,8 +13,6 @@ from services.common.convert import seconds, timestamp
 from services.common.errors import InvalidArgument
 from services.common.server import actor_of
 from services.registry import domain
-
-T = TypeVar("T")
 
 CHUNK_BYTES = 1024 * 1024
 _STATUS = {
@@ -141,7 +139,7 @@ async def _receive(upload: Any, requests: AsyncIterator[Any], context: grpc.aio.
         await _receive_files(upload, requests)
         if context.cancelled():
             raise asyncio.CancelledError
-        finishing = asyncio.ensure_future(asyncio.to_thread(upload.finish))
+        finishing = asyncio.ensure_future(upload.registry.database.run(upload.finish))
         try:
             return await asyncio.shield(finishing)
         except asyncio.CancelledError:
@@ -177,14 +175,8 @@ async def _first_metadata(requests: AsyncIterator[Any]) -> Any:
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(self, registry: domain.Registry) -> None:
         self.registry = registry
-        # Reads of a local SQLite file take a fraction of a millisecond and never wait on a
-        # network: running them on the event loop is cheaper than the hop to a thread.
-        self._inline_reads = registry.database.is_sqlite
-
-    async def _read(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if self._inline_reads:
-            return function(*args, **kwargs)
-        return await asyncio.to_thread(function, *args, **kwargs)
+        self._read = registry.database.read
+        self._run = registry.database.run
 
     async def RegisterModelVersion(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         requests = aiter(request_iterator)
@@ -245,7 +237,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 yield registry_pb2.DownloadModelVersionResponse(file=common_pb2.FileChunk(data=chunk))
 
     async def UpdateModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        view = await asyncio.to_thread(
+        view = await self._run(
             self.registry.update_version,
             request.ref,
             actor_of(context),
@@ -257,13 +249,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.UpdateModelVersionResponse(model_version=version_to_proto(view))
 
     async def SetAlias(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        view, previous = await asyncio.to_thread(
+        view, previous = await self._run(
             self.registry.set_alias, request.name, request.alias, request.version, actor_of(context), request.reason
         )
         return registry_pb2.SetAliasResponse(model_version=version_to_proto(view), previous_version=previous)
 
     async def RemoveAlias(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        previous = await asyncio.to_thread(
+        previous = await self._run(
             self.registry.remove_alias, request.name, request.alias, actor_of(context), request.reason
         )
         return registry_pb2.RemoveAliasResponse(previous_version=previous)
@@ -285,21 +277,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         )
 
     async def ArchiveModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        view = await asyncio.to_thread(self.registry.archive_version, request.ref, actor_of(context), request.reason)
+        view = await self._run(self.registry.archive_version, request.ref, actor_of(context), request.reason)
         return registry_pb2.ArchiveModelVersionResponse(model_version=version_to_proto(view))
 
     async def DeleteModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await asyncio.to_thread(self.registry.delete_version, request.ref, actor_of(context), request.reason)
+        await self._run(self.registry.delete_version, request.ref, actor_of(context), request.reason)
         return registry_pb2.DeleteModelVersionResponse()
 
     async def AcquireUsage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        view = await asyncio.to_thread(
-            self.registry.acquire_usage, request.ref, request.deployment_id, actor_of(context)
-        )
+        view = await self._run(self.registry.acquire_usage, request.ref, request.deployment_id, actor_of(context))
         return registry_pb2.AcquireUsageResponse(model_version=version_to_proto(view))
 
     async def ReleaseUsage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await asyncio.to_thread(self.registry.release_usage, request.ref, request.deployment_id, actor_of(context))
+        await self._run(self.registry.release_usage, request.ref, request.deployment_id, actor_of(context))
         return registry_pb2.ReleaseUsageResponse()
 
     async def RegisterDataset(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -323,7 +313,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def RecordRun(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         run = request.run
-        view = await asyncio.to_thread(
+        view = await self._run(
             self.registry.record_run,
             {
                 "id": run.id,
