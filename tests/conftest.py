@@ -179,7 +179,7 @@ def registry_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regis
 
 
 def spawn_registry(
-    home: Path, port: int, nats_url: str | None = None, database_url: str = ""
+    home: Path, port: int, nats_url: str | None = None, database_url: str = "", workers: int = 1
 ) -> subprocess.Popen[bytes]:
     """The registry as its own process, as `mlmesh up` runs it."""
     env = {
@@ -187,6 +187,7 @@ def spawn_registry(
         "MLMESH_HOME": str(home),
         "MLMESH_REGISTRY_PORT": str(port),
         "MLMESH_REGISTRY_DATABASE_URL": database_url,
+        "MLMESH_REGISTRY_WORKERS": str(workers),
     }
     if nats_url:
         env["MLMESH_NATS_URL"] = nats_url

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -228,11 +229,14 @@ def build_server(
     host: str,
     port: int,
     max_message_bytes: int,
+    share_port: bool = False,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """An unstarted grpc.aio server with the given servicers, health and reflection.
 
     `registrations` holds (add_XServicer_to_server, servicer, full service name) triples.
-    Returns the server, the bound port and the health servicer (set SERVING once ready).
+    `share_port` lets the worker processes of one service listen on the same port; otherwise a
+    taken port is an error. Returns the server, the bound port and the health servicer (set
+    SERVING once ready).
     """
     telemetry.setup(service)
     server = grpc.aio.server(
@@ -240,7 +244,7 @@ def build_server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if share_port else 0),
         ],
     )
     health_servicer = health.aio.HealthServicer()
@@ -268,12 +272,13 @@ async def serve_until_stopped(
     service_names: Sequence[str],
     background: Sequence[Callable[[], Awaitable[None]]] = (),
     grace_seconds: float = 5.0,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Start the server and background tasks; on SIGTERM/SIGINT drain and stop them cleanly."""
+    """Start the server and background tasks; on SIGTERM/SIGINT (or `stop`) drain and stop cleanly."""
     await server.start()
     await set_serving(health_servicer, service_names, True)
     tasks = [asyncio.create_task(job()) for job in background]
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for number in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -293,7 +298,11 @@ async def serve_until_stopped(
 
 @dataclass
 class ServiceRuntime:
-    """A built service: its unstarted gRPC server and what runs beside it."""
+    """A built service: its unstarted gRPC server and what runs beside it.
+
+    `background` runs in every worker process; `leader_background` (housekeeping such as sweeps)
+    only in the first.
+    """
 
     name: str
     server: grpc.aio.Server
@@ -304,6 +313,7 @@ class ServiceRuntime:
     outbox: Outbox
     settings: ServiceSettings
     background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    leader_background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     relay: Relay | None = None
 
     def __post_init__(self) -> None:
@@ -322,10 +332,55 @@ class ServiceRuntime:
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
-    async def run(self) -> None:
-        """Serve until SIGTERM/SIGINT, with the outbox relay and other background work."""
+    async def run(self, *, leader: bool = True, stop: asyncio.Event | None = None) -> None:
+        """Serve until SIGTERM/SIGINT (or `stop`), with the outbox relay and other background work."""
         log.info("%s serving on %s", self.name, self.address)
+        jobs = [*self.background, *(self.leader_background if leader else [])]
         try:
-            await serve_until_stopped(self.server, self.health, self.service_names, self.background)
+            await serve_until_stopped(self.server, self.health, self.service_names, jobs, stop=stop)
         finally:
             self.database.dispose()
+
+
+Build = Callable[[Any], ServiceRuntime]
+"""A service's `build(settings)`: a module-level function, so that worker processes can import it.
+It passes `share_port=settings.workers > 1` to `build_server`."""
+
+
+async def run_service(settings: ServiceSettings, build: Build) -> None:
+    """Run a service in this process and, when `settings.workers` > 1, in as many worker
+    processes in all, listening on the same port; the workers stop when this process stops."""
+    if settings.workers == 1:
+        await build(settings).run()
+        return
+    runtime = build(settings)  # binds first: with port 0 the workers learn the port chosen
+    context = multiprocessing.get_context("spawn")
+    worker_settings = settings.model_copy(update={"port": runtime.port})
+    workers = [
+        context.Process(target=_worker, args=(build, worker_settings), name=f"{runtime.name}-worker-{number}")
+        for number in range(1, settings.workers)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        await runtime.run()
+    finally:
+        for worker in workers:
+            worker.terminate()  # SIGTERM: each drains its calls and stops
+        for worker in workers:
+            await asyncio.to_thread(worker.join, 10)
+            if worker.is_alive():
+                worker.kill()
+
+
+def _worker(build: Build, settings: ServiceSettings) -> None:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve_as_worker(build, settings))
+
+
+async def _serve_as_worker(build: Build, settings: ServiceSettings) -> None:
+    stop = asyncio.Event()
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # the first process died without stopping us: stop too
+        asyncio.get_running_loop().add_reader(parent.sentinel, stop.set)
+    await build(settings).run(leader=False, stop=stop)

@@ -58,6 +58,10 @@ class ServiceSettings(BaseSettings):
     database_url: str = ""
     """SQLAlchemy URL; empty means SQLite at <home>/<service>.db."""
 
+    workers: int = Field(default=1, ge=1, le=64)
+    """Server processes sharing the port (SO_REUSEPORT), each with its own connections and outbox
+    relay; one Python process uses about one core, so up to the number of cores pays."""
+
     max_message_bytes: int = 8 * 1024 * 1024
     """Largest gRPC message accepted or sent; large payloads are streamed in chunks below it."""
 

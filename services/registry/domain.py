@@ -604,7 +604,8 @@ class Registry:
         """Start receiving a new version's files; nothing is visible until `Upload.finish`."""
         return Upload(self, metadata.validated(), actor)
 
-    def _commit_version(self, upload: Upload) -> VersionView:
+    def _describe(self, upload: Upload) -> tuple[str, Signature, Lineage]:
+        """Framework, signature and lineage: as given, else read from the uploaded files."""
         metadata = upload.metadata
         signature = metadata.signature
         framework = metadata.framework
@@ -615,6 +616,12 @@ class Registry:
             framework = "onnx" if any(path.endswith(".onnx") for path in upload.files) else "other"
         if framework == "onnx" and signature.is_empty():
             signature = Signature.model_validate(formats.onnx_signature(*upload.main_onnx_file()))
+        return framework, signature, lineage
+
+    def _commit_version(self, upload: Upload) -> VersionView:
+        metadata = upload.metadata
+        assert upload.described is not None, "seal() the upload first"
+        framework, signature, lineage = upload.described
         now = time.time()
         with self.database.transaction() as session:
             version = self._next_version(session, RegisteredModel, metadata.name)
@@ -1055,9 +1062,8 @@ class Registry:
         return DatasetUpload(self, name, file_format, description, tags, actor)
 
     def _commit_dataset(
-        self, upload: DatasetUpload, path: str, size: int, digest: str, file_format: str
+        self, upload: DatasetUpload, path: str, size: int, digest: str, file_format: str, summary: dict[str, Any]
     ) -> dict[str, Any]:
-        summary = formats.table_summary(self.blobs.path_of(digest), file_format, path)
         fingerprint = formats.fingerprint(summary["schema"], digest)
         with self.database.transaction() as session:
             version = self._next_version(session, DatasetName, upload.name)
@@ -1266,6 +1272,7 @@ class Upload(_Receiving):
         self.actor = actor
         self.files: dict[str, tuple[int, str]] = {}
         self.total = 0
+        self.described: tuple[str, Signature, Lineage] | None = None
         self._path: str | None = None
         self._writer: BlobWriter | None = None
 
@@ -1299,16 +1306,26 @@ class Upload(_Receiving):
         digest = writer.commit()  # empty files are fine (__init__.py); an all-empty version is not
         self.files[path] = (writer.size, digest)
 
-    def finish(self) -> VersionView:
+    def seal(self) -> None:
+        """Make the received files durable and read what they say about the model: the slow,
+        blocking part of finishing, run before the short commit."""
         self._close_file()
         if not self.files:
             raise InvalidArgument("a model version needs at least one file", field="files")
         if self.total == 0:
             raise InvalidArgument("every file of this version is empty; upload the model's content", field="files")
+        self.described = self.registry._describe(self)
+
+    def commit(self) -> VersionView:
+        """Register the sealed upload as the model's next version, in one short transaction."""
         view = self.registry._commit_version(self)
         self.registry.blobs.unpin(digest for _, digest in self.files.values())
         self.files = {}
         return view
+
+    def finish(self) -> VersionView:
+        self.seal()
+        return self.commit()
 
     def abort(self) -> None:
         """Drop what was received; blobs shared with committed versions stay."""
@@ -1357,6 +1374,8 @@ class DatasetUpload(_Receiving):
         self.actor = actor
         self.path: str | None = None
         self._writer: BlobWriter | None = None
+        self._stored: tuple[int, str] | None = None
+        self._summary: dict[str, Any] = {}
 
     def start_file(self, path: str) -> None:
         if self.path is not None:
@@ -1378,23 +1397,35 @@ class DatasetUpload(_Receiving):
             )
         self._writer.write(data)
 
-    def finish(self) -> dict[str, Any]:
+    def seal(self) -> None:
+        """Make the file durable and summarise it (schema, rows, per-column statistics)."""
         if self._writer is None or self.path is None:
             raise InvalidArgument("a dataset needs one CSV or Parquet file", field="file")
         if self._writer.size == 0:
             raise InvalidArgument(f"file {self.path!r} is empty", field="file")
         writer, self._writer = self._writer, None
-        size = writer.size
-        digest = writer.commit()
-        try:
-            return self.registry._commit_dataset(self, self.path, size, digest, self.format)
-        finally:
-            self.registry.blobs.unpin([digest])
+        self._stored = (writer.size, writer.commit())
+        self._summary = formats.table_summary(self.registry.blobs.path_of(self._stored[1]), self.format, self.path)
+
+    def commit(self) -> dict[str, Any]:
+        assert self._stored is not None and self.path is not None, "seal() the upload first"
+        size, digest = self._stored
+        view = self.registry._commit_dataset(self, self.path, size, digest, self.format, self._summary)
+        self.registry.blobs.unpin([digest])
+        self._stored = None
+        return view
+
+    def finish(self) -> dict[str, Any]:
+        self.seal()
+        return self.commit()
 
     def abort(self) -> None:
         if self._writer is not None:
             self._writer.discard()
             self._writer = None
+        if self._stored is not None:
+            self.registry.blobs.unpin([self._stored[1]])
+            self._stored = None
 
 
 def _path(file: FileView) -> str:

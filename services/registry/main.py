@@ -9,7 +9,7 @@ from services._proto.mlmesh.v1 import registry_pb2, registry_pb2_grpc
 from services.common.blobs import BlobStore
 from services.common.db import Database
 from services.common.outbox import Outbox
-from services.common.server import ServiceRuntime
+from services.common.server import ServiceRuntime, run_service
 from services.common.server import build_server as build_grpc_server
 from services.registry.domain import Registry
 from services.registry.models import TABLES, create_tables
@@ -40,6 +40,7 @@ def build(settings: RegistrySettings) -> ServiceRuntime:
         host=settings.host,
         port=settings.port,
         max_message_bytes=settings.max_message_bytes,
+        share_port=settings.workers > 1,
     )
 
     async def sweep_blobs() -> None:
@@ -59,7 +60,7 @@ def build(settings: RegistrySettings) -> ServiceRuntime:
         database=database,
         outbox=outbox,
         settings=settings,
-        background=[sweep_blobs],
+        leader_background=[sweep_blobs],
     )
 
 
@@ -69,7 +70,7 @@ def build_server(settings: RegistrySettings) -> object:
 
 
 async def main(settings: RegistrySettings | None = None) -> None:
-    """Run the registry until SIGTERM."""
+    """Run the registry (in `settings.workers` processes) until SIGTERM."""
     settings = settings or RegistrySettings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    await build(settings).run()
+    await run_service(settings, build)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -14,6 +14,7 @@ from services.common.errors import InvalidArgument
 from services.common.server import actor_of
 from services.registry import domain
 
+T = TypeVar("T")
 CHUNK_BYTES = 1024 * 1024
 _STATUS = {
     domain.READY: registry_pb2.MODEL_VERSION_STATUS_READY,
@@ -139,15 +140,23 @@ async def _receive(upload: Any, requests: AsyncIterator[Any], context: grpc.aio.
         await _receive_files(upload, requests)
         if context.cancelled():
             raise asyncio.CancelledError
-        finishing = asyncio.ensure_future(upload.registry.database.run(upload.finish))
-        try:
-            return await asyncio.shield(finishing)
-        except asyncio.CancelledError:
-            upload.cancel()
-            await asyncio.wait([finishing])  # never abort while the commit is still running
-            raise
+        database = upload.registry.database
+        await _uncancellable(upload, database.run(upload.seal))  # fsync, reading ONNX or MLmodel
+        return await _uncancellable(upload, database.run_short(upload.commit))
     except BaseException:
         upload.abort()
+        raise
+
+
+async def _uncancellable(upload: Any, step: Awaitable[T]) -> T:
+    """Finish `step` even if the caller goes away meanwhile, then let the cancellation through;
+    the upload, told it was cancelled, refuses to commit."""
+    running = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        upload.cancel()
+        await asyncio.wait([running])
         raise
 
 
@@ -175,8 +184,7 @@ async def _first_metadata(requests: AsyncIterator[Any]) -> Any:
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(self, registry: domain.Registry) -> None:
         self.registry = registry
-        self._read = registry.database.read
-        self._run = registry.database.run
+        self._short = registry.database.run_short
 
     async def RegisterModelVersion(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         requests = aiter(request_iterator)
@@ -187,11 +195,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def GetModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         at = seconds(request.at, request.HasField("at"))
-        view = await self._read(self.registry.get_version, request.ref, at)
+        view = await self._short(self.registry.get_version, request.ref, at)
         return registry_pb2.GetModelVersionResponse(model_version=version_to_proto(view))
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        models, token = await self._read(
+        models, token = await self._short(
             self.registry.list_models, request.name_prefix, request.page_size, request.page_token
         )
         return registry_pb2.ListModelsResponse(
@@ -222,13 +230,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
         )
-        views, token = await self._read(self.registry.search_versions, query)
+        views, token = await self._short(self.registry.search_versions, query)
         return registry_pb2.SearchModelVersionsResponse(
             model_versions=[version_to_proto(view) for view in views], next_page_token=token
         )
 
     async def DownloadModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        files = await self._read(self.registry.download, request.ref, CHUNK_BYTES)
+        files = await self._short(self.registry.download, request.ref, CHUNK_BYTES)
         for file, chunks in files:
             yield registry_pb2.DownloadModelVersionResponse(
                 file=common_pb2.FileChunk(header=common_pb2.FileHeader(path=file.path))
@@ -237,7 +245,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 yield registry_pb2.DownloadModelVersionResponse(file=common_pb2.FileChunk(data=chunk))
 
     async def UpdateModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        view = await self._run(
+        view = await self._short(
             self.registry.update_version,
             request.ref,
             actor_of(context),
@@ -249,19 +257,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.UpdateModelVersionResponse(model_version=version_to_proto(view))
 
     async def SetAlias(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        view, previous = await self._run(
+        view, previous = await self._short(
             self.registry.set_alias, request.name, request.alias, request.version, actor_of(context), request.reason
         )
         return registry_pb2.SetAliasResponse(model_version=version_to_proto(view), previous_version=previous)
 
     async def RemoveAlias(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        previous = await self._run(
+        previous = await self._short(
             self.registry.remove_alias, request.name, request.alias, actor_of(context), request.reason
         )
         return registry_pb2.RemoveAliasResponse(previous_version=previous)
 
     async def ListAliasHistory(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        changes = await self._read(self.registry.alias_history, request.name, request.alias)
+        changes = await self._short(self.registry.alias_history, request.name, request.alias)
         return registry_pb2.ListAliasHistoryResponse(
             changes=[
                 registry_pb2.AliasChange(
@@ -277,19 +285,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         )
 
     async def ArchiveModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        view = await self._run(self.registry.archive_version, request.ref, actor_of(context), request.reason)
+        view = await self._short(self.registry.archive_version, request.ref, actor_of(context), request.reason)
         return registry_pb2.ArchiveModelVersionResponse(model_version=version_to_proto(view))
 
     async def DeleteModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._run(self.registry.delete_version, request.ref, actor_of(context), request.reason)
+        await self._short(self.registry.delete_version, request.ref, actor_of(context), request.reason)
         return registry_pb2.DeleteModelVersionResponse()
 
     async def AcquireUsage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        view = await self._run(self.registry.acquire_usage, request.ref, request.deployment_id, actor_of(context))
+        view = await self._short(self.registry.acquire_usage, request.ref, request.deployment_id, actor_of(context))
         return registry_pb2.AcquireUsageResponse(model_version=version_to_proto(view))
 
     async def ReleaseUsage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._run(self.registry.release_usage, request.ref, request.deployment_id, actor_of(context))
+        await self._short(self.registry.release_usage, request.ref, request.deployment_id, actor_of(context))
         return registry_pb2.ReleaseUsageResponse()
 
     async def RegisterDataset(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -302,18 +310,18 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.RegisterDatasetResponse(dataset=dataset_to_proto(view))
 
     async def GetDataset(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        view = await self._read(self.registry.get_dataset, request.ref)
+        view = await self._short(self.registry.get_dataset, request.ref)
         return registry_pb2.GetDatasetResponse(dataset=dataset_to_proto(view))
 
     async def ListDatasets(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        views, token = await self._read(
+        views, token = await self._short(
             self.registry.list_datasets, request.name_prefix, request.page_size, request.page_token
         )
         return registry_pb2.ListDatasetsResponse(datasets=[dataset_to_proto(v) for v in views], next_page_token=token)
 
     async def RecordRun(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         run = request.run
-        view = await self._run(
+        view = await self._short(
             self.registry.record_run,
             {
                 "id": run.id,
@@ -334,11 +342,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.RecordRunResponse(run=run_to_proto(view))
 
     async def GetRun(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        view = await self._read(self.registry.get_run, request.id)
+        view = await self._short(self.registry.get_run, request.id)
         return registry_pb2.GetRunResponse(run=run_to_proto(view))
 
     async def ListAuditEntries(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        entries, token = await self._read(
+        entries, token = await self._short(
             self.registry.list_audit,
             resource_prefix=request.resource_prefix,
             actor=request.actor,

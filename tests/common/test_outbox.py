@@ -12,6 +12,7 @@ import pytest
 from sqlmodel import select
 
 from services.common import bus, events
+from services.common import outbox as outbox_module
 from services.common.db import Database
 from services.common.outbox import Outbox, OutboxEvent, Relay, pending_count
 
@@ -141,6 +142,22 @@ async def test_a_republished_row_is_dropped_by_jetstream_deduplication(tmp_path,
             row.sent_at = None
             session.add(row)
     async with running(Relay(database, outbox, nats_server.url)):
+        await wait_until(lambda: pending_count(database) == 0)
+    assert await stream_ids(nats_server.url) == ids
+
+
+async def test_live_events_keep_commit_order_and_an_overflow_catches_up_from_the_table(
+    tmp_path, nats_server, monkeypatch
+):
+    monkeypatch.setattr(outbox_module, "MAX_READY", 10)
+    database = make_database(f"sqlite:///{tmp_path / 'o.db'}")
+    outbox = Outbox()
+    relay = Relay(database, outbox, nats_server.url, poll_seconds=60)  # no idle catch-up in this test
+    async with running(relay):
+        ids = stage(database, outbox, 1, "first")
+        await wait_until(lambda: relay.published == 1)  # live now
+        for batch in range(8):  # 32 rows handed over at once: more than the live queue holds
+            ids += stage(database, outbox, 4, f"b{batch}-")
         await wait_until(lambda: pending_count(database) == 0)
     assert await stream_ids(nats_server.url) == ids
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import nats
+import pytest
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent as SdkCloudEvent
 from faststream.nats import NatsBroker
@@ -136,3 +141,80 @@ async def test_events_on_the_stream_are_cloudevents_the_sdk_reads(tmp_path, nats
     assert attributes["id"][14] == "7"  # UUIDv7
     data = event.get_data()
     assert (data["name"], data["version"], data["tags"]) == ("fraud", 1, {"team": "risk"})
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The worker processes `run_service` started for `parent` (not multiprocessing's tracker)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+            if int(fields[1]) == parent and b"spawn_main" in command:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+async def test_two_worker_processes_share_the_port_the_numbering_and_the_stream(tmp_path, nats_server, database_url):
+    port = natsserver.free_port()
+    process = spawn_registry(tmp_path / "home", port, nats_server.url, database_url, workers=2)
+    try:
+        await wait_until(lambda: len(worker_pids(process.pid)) == 1)
+        (worker,) = worker_pids(process.pid)
+        worker_cpu = cpu_seconds(worker)
+
+        def register_many(_: int) -> list[int]:
+            channel, stub = stub_for(port)  # a connection of its own: the kernel picks a process
+            with channel:
+                return [
+                    stub.RegisterModelVersion(model_upload("shared", [("m.bin", os.urandom(64))])).model_version.version
+                    for _ in range(25)
+                ]
+
+        with ThreadPoolExecutor(16) as pool:
+            versions = [version for batch in pool.map(register_many, range(16)) for version in batch]
+        assert sorted(versions) == list(range(1, 401))
+        assert cpu_seconds(worker) - worker_cpu > 0.1, "the second process served no calls"
+
+        connection = await nats.connect(nats_server.url)
+        try:
+            jetstream = connection.jetstream()
+            subscription = await jetstream.subscribe("mlmesh.events.model.registered", ordered_consumer=True)
+            seen: list[int] = []
+            async with asyncio.timeout(30):
+                while len(seen) < 400:
+                    message = await subscription.next_msg(timeout=10)
+                    seen.append(json.loads(message.data)["data"]["version"])
+            await asyncio.sleep(1.5)  # a duplicate would come now; JetStream drops it by Nats-Msg-Id
+            info = await jetstream.stream_info(events.STREAM)
+        finally:
+            await connection.close()
+        assert sorted(seen) == list(range(1, 401))
+        assert info.state.messages == 400
+    finally:
+        stop(process)
+    assert not worker_pids(process.pid)
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)
+
+
+def test_a_worker_stops_when_the_first_process_is_killed(tmp_path):
+    port = natsserver.free_port()
+    process = spawn_registry(tmp_path / "home", port, workers=2)
+    deadline = time.monotonic() + 20
+    while not worker_pids(process.pid):
+        assert time.monotonic() < deadline, "no worker process started"
+        time.sleep(0.1)
+    (worker,) = worker_pids(process.pid)
+    process.kill()
+    process.wait(10)
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{worker}").exists() and b"spawn_main" in Path(f"/proc/{worker}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, "the worker outlived the process that started it"
+        time.sleep(0.1)
