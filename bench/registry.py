@@ -36,7 +36,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -741,6 +741,38 @@ def write_arrivals(arrivals: list[tuple[float, Any]], output: Path) -> None:
     output.write_text(json.dumps(rows))
 
 
+@dataclass
+class Subscriber:
+    received: Any
+    """How many events arrived so far (shared with the subscriber process)."""
+    arrivals: Path
+    """Where the arrivals are written once the subscriber stops."""
+
+    def read(self) -> list[dict[str, Any]]:
+        return json.loads(self.arrivals.read_text()) if self.arrivals.exists() else []
+
+
+@contextlib.asynccontextmanager
+async def subscribed(nats_url: str, workdir: Path) -> AsyncIterator[Subscriber]:
+    """The timestamping subscriber in its own process, subscribed before the block runs."""
+    context = multiprocessing.get_context("spawn")
+    ready, stop = context.Event(), context.Event()
+    subscriber = Subscriber(context.RawValue("i", 0), workdir / f"subscriber-{uuid.uuid4().hex[:8]}.json")
+    process = context.Process(
+        target=subscriber_main, args=(nats_url, ready, stop, subscriber.received, str(subscriber.arrivals)), daemon=True
+    )
+    process.start()
+    try:
+        if not await asyncio.to_thread(ready.wait, 30):
+            raise RuntimeError("the subscriber process did not subscribe within 30 s")
+        yield subscriber
+    finally:
+        stop.set()
+        await asyncio.to_thread(process.join, 30)
+        if process.is_alive():
+            process.kill()
+
+
 async def outbox_latency(
     stub: registry_pb2_grpc.RegistryServiceStub,
     database: Database,
@@ -757,17 +789,7 @@ async def outbox_latency(
     """
     # Earlier phases' events must be gone from the outbox, or they queue ahead of ours.
     await poll(lambda: pending_count(database) == 0, timeout=60, interval=0.1)
-    context = multiprocessing.get_context("spawn")
-    ready, stop = context.Event(), context.Event()
-    received = context.RawValue("i", 0)
-    output = workdir / f"subscriber-{uuid.uuid4().hex[:8]}.json"
-    subscriber = context.Process(
-        target=subscriber_main, args=(nats_url, ready, stop, received, str(output)), daemon=True
-    )
-    subscriber.start()
-    try:
-        if not await asyncio.to_thread(ready.wait, 30):
-            raise RuntimeError("the subscriber process did not subscribe within 30 s")
+    async with subscribed(nats_url, workdir) as subscriber:
         total = max(int(rate * seconds), 50)
         give_up = seconds * 3 + 10
         sends: dict[str, tuple[float, float]] = {}
@@ -810,13 +832,8 @@ async def outbox_latency(
         sending_seconds = time.perf_counter() - begun
         await asyncio.gather(*tasks)
         all_done_seconds = time.perf_counter() - begun
-        await poll(lambda: received.value >= len(sends), timeout=30, interval=0.02)
-    finally:
-        stop.set()
-        await asyncio.to_thread(subscriber.join, 30)
-        if subscriber.is_alive():
-            subscriber.kill()
-    arrivals = json.loads(output.read_text()) if output.exists() else []
+        await poll(lambda: subscriber.received.value >= len(sends), timeout=30, interval=0.02)
+    arrivals = subscriber.read()
     commit_to_receipt, send_to_receipt, commit_to_stored, stored_to_receipt = [], [], [], []
     matched: set[str] = set()
     duplicates = 0
@@ -911,19 +928,10 @@ async def outbox_latency_relay_only(
     """Outbox -> subscriber at `rate` events/s with nothing else in the producing process: one
     event per transaction, through services.common.outbox (Outbox.add, Relay), the registry stopped."""
     await poll(lambda: pending_count(database) == 0, timeout=60, interval=0.1)
-    context = multiprocessing.get_context("spawn")
-    ready, stop = context.Event(), context.Event()
-    received = context.RawValue("i", 0)
-    arrivals_file = workdir / f"subscriber-{uuid.uuid4().hex[:8]}.json"
     producer_file = workdir / f"producer-{uuid.uuid4().hex[:8]}.json"
     total = max(int(rate * seconds), 50)
-    subscriber = context.Process(
-        target=subscriber_main, args=(nats_url, ready, stop, received, str(arrivals_file)), daemon=True
-    )
-    subscriber.start()
-    try:
-        if not await asyncio.to_thread(ready.wait, 30):
-            raise RuntimeError("the subscriber process did not subscribe within 30 s")
+    async with subscribed(nats_url, workdir) as subscriber:
+        context = multiprocessing.get_context("spawn")
         producer = context.Process(
             target=producer_main, args=(database_url, nats_url, rate, total, "relay-only", str(producer_file))
         )
@@ -932,14 +940,9 @@ async def outbox_latency_relay_only(
         if producer.is_alive():
             producer.kill()
             raise RuntimeError("the producer did not finish in time")
-        await poll(lambda: received.value >= total, timeout=30, interval=0.02)
-    finally:
-        stop.set()
-        await asyncio.to_thread(subscriber.join, 30)
-        if subscriber.is_alive():
-            subscriber.kill()
+        await poll(lambda: subscriber.received.value >= total, timeout=30, interval=0.02)
+    arrivals = subscriber.read()
     produced = json.loads(producer_file.read_text())
-    arrivals = json.loads(arrivals_file.read_text()) if arrivals_file.exists() else []
     seen: set[str] = set()
     commit_to_receipt, commit_to_stored, stored_to_receipt = [], [], []
     for arrival in arrivals:

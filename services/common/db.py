@@ -49,7 +49,9 @@ class Database:
             )
             _configure_sqlite(self.engine)
         else:
-            self.engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            # No ping before each use (a round trip per call): after the server restarts, the
+            # first call on each old connection answers UNAVAILABLE and the pool starts afresh.
+            self.engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size)
         self._write_engine = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
         # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
         # growing steps (1, 2, 5, 10 ms...): writers queue on a lock instead, woken at once, the
@@ -96,8 +98,11 @@ class Database:
     @contextmanager
     def reader(self) -> Iterator[Connection]:
         """A plain connection for reads: lighter than a session, for the hot read paths."""
-        with self.engine.connect() as connection:
-            yield connection
+        try:
+            with self.engine.connect() as connection:
+                yield connection
+        except OperationalError as error:
+            raise Unavailable(f"the database did not answer: {error.orig}; try again") from error
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -1,11 +1,18 @@
-"""The database layer on a real SQLite file: the write-ahead log stays bounded under steady writes."""
+"""The database layer on real SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-from services.common import db
+import pytest
+from opentelemetry import trace
+from sqlalchemy import create_engine, text
+
+from services.common import db, telemetry
+from services.common.errors import Unavailable
 from services.common.outbox import OutboxEvent
+from services.common.settings import MeshSettings
 
 
 def test_steady_writes_keep_the_write_ahead_log_bounded(tmp_path, monkeypatch):
@@ -28,5 +35,54 @@ def test_steady_writes_keep_the_write_ahead_log_bounded(tmp_path, monkeypatch):
         assert largest < 2.5 * 1024 * 1024, f"the log grew to {largest} bytes while writing"
         with database.session() as session:
             assert session.query(OutboxEvent).count() == 400
+    finally:
+        database.dispose()
+
+
+def test_reads_after_the_server_dropped_every_connection_answer_unavailable_once_then_work(postgres_url):
+    database = db.Database(postgres_url, [OutboxEvent])
+    database.create_tables()
+    admin = create_engine(MeshSettings().postgres_admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with database.reader() as reader:
+            assert reader.execute(text("SELECT 1")).scalar() == 1
+        name = postgres_url.rsplit("/", 1)[1]
+        with admin.connect() as connection:  # as if the server had restarted
+            connection.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name}
+            )
+        outcomes = []
+        for _ in range(2):
+            try:
+                with database.reader() as reader:
+                    outcomes.append(reader.execute(text("SELECT 1")).scalar())
+            except Unavailable as error:
+                assert "try again" in str(error)
+                outcomes.append("unavailable")
+        assert outcomes[-1] == 1 and outcomes[0] in (1, "unavailable")
+    finally:
+        admin.dispose()
+        database.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+def test_short_calls_keep_the_callers_trace_context(database_url):
+    telemetry.setup("test")
+    database = db.Database(database_url, [OutboxEvent])
+
+    def current_trace() -> int:
+        return trace.get_current_span().get_span_context().trace_id
+
+    async def main() -> tuple[int, int, int]:
+        with telemetry.tracer("test").start_as_current_span("caller") as span:
+            return (
+                span.get_span_context().trace_id,
+                await database.run(current_trace),
+                await database.run_short(current_trace),
+            )
+
+    try:
+        caller, on_thread, short = asyncio.run(main())
+        assert caller == on_thread == short != 0
     finally:
         database.dispose()
