@@ -357,23 +357,35 @@ _INSERT_FILE = insert(ModelFile.__table__)  # type: ignore[attr-defined]
 _INSERT_TAG = insert(ModelTag.__table__)  # type: ignore[attr-defined]
 _INSERT_AUDIT = insert(AuditEntryRow.__table__)  # type: ignore[attr-defined]
 _NO_TEXT = cast(null(), String)
-# Everything a view needs besides the version row, in one statement: (kind, version_id or
-# version, text, text, number). Kinds: "f" file (path, sha256, size), "t" tag (key, value),
-# "u" usage (deployment), "a" alias (alias, model name; the second column is the version).
-_RELATED_OF = union_all(
-    select(literal("f"), ModelFile.version_id, ModelFile.path, ModelFile.sha256, ModelFile.size).where(
-        col(ModelFile.version_id).in_(bindparam("ids", expanding=True))
-    ),
-    select(literal("t"), ModelTag.version_id, ModelTag.key, ModelTag.value, null()).where(
-        col(ModelTag.version_id).in_(bindparam("ids", expanding=True))
-    ),
-    select(literal("u"), ModelUsage.version_id, ModelUsage.deployment_id, _NO_TEXT, null()).where(
-        col(ModelUsage.version_id).in_(bindparam("ids", expanding=True))
-    ),
-    select(literal("a"), ModelAlias.version, ModelAlias.alias, ModelAlias.name, null()).where(
-        col(ModelAlias.name).in_(bindparam("names", expanding=True))
-    ),
-)
+
+
+def _related_statement(one: bool) -> Any:
+    """Everything a view needs besides the version row, in one statement: (kind, version_id or
+    version, text, text, number). Kinds: "f" file (path, sha256, size), "t" tag (key, value),
+    "u" usage (deployment), "a" alias (alias, model name; the second column is the version).
+    `one`: for a single version (parameters id, name), without an IN list to render per call;
+    else for many (ids, names)."""
+
+    def matches(column: Any, single: str, many: str) -> Any:
+        return column == bindparam(single) if one else col(column).in_(bindparam(many, expanding=True))
+
+    return union_all(
+        select(literal("f"), ModelFile.version_id, ModelFile.path, ModelFile.sha256, ModelFile.size).where(
+            matches(ModelFile.version_id, "id", "ids")
+        ),
+        select(literal("t"), ModelTag.version_id, ModelTag.key, ModelTag.value, null()).where(
+            matches(ModelTag.version_id, "id", "ids")
+        ),
+        select(literal("u"), ModelUsage.version_id, ModelUsage.deployment_id, _NO_TEXT, null()).where(
+            matches(ModelUsage.version_id, "id", "ids")
+        ),
+        select(literal("a"), ModelAlias.version, ModelAlias.alias, ModelAlias.name, null()).where(
+            matches(ModelAlias.name, "name", "names")
+        ),
+    )
+
+
+_RELATED_OF, _RELATED_OF_ONE = _related_statement(one=False), _related_statement(one=True)
 
 
 def _like_prefix(prefix: str) -> str:
@@ -555,8 +567,14 @@ class Registry:
         tags: dict[int, dict[str, str]] = {}
         usages: dict[int, list[str]] = {}
         aliases: dict[tuple[str, int], list[str]] = {}
-        related = {"ids": [row.id for row in rows], "names": list({row.name for row in rows})}
-        for kind, number, first, second, size in reader.execute(_RELATED_OF, related):
+        if len(rows) == 1:
+            statement, related = _RELATED_OF_ONE, {"id": rows[0].id, "name": rows[0].name}
+        else:
+            statement, related = (
+                _RELATED_OF,
+                {"ids": [row.id for row in rows], "names": list({row.name for row in rows})},
+            )
+        for kind, number, first, second, size in reader.execute(statement, related):
             if kind == "f":
                 files.setdefault(number, []).append(FileView(first, size, second))
             elif kind == "t":
