@@ -332,10 +332,19 @@ def status(as_json: JsonOption = False) -> None:
 @app.command()
 def serve(
     service: Annotated[str, typer.Argument(help=f"Which service to run: {', '.join(launcher.SERVICES)}.")],
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Processes sharing the service's port (sets MLMESH_<SERVICE>_WORKERS); up to the number of "
+            "cores pays. Default: that setting, else 1.",
+        ),
+    ] = None,
 ) -> None:
     """Run one service in the foreground (what `mlmesh up` runs per service; for containers)."""
     try:
-        launcher.serve(service)
+        launcher.serve(service, workers)
     except launcher.LaunchError as error:
         fail(str(error), 2)
 

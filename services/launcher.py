@@ -420,10 +420,12 @@ def status(home: Path) -> dict[str, Any]:
     return {"home": str(home), "nats_url": nats_url, "services": services}
 
 
-def serve(name: str) -> None:
-    """Run one service in this process until SIGTERM or Ctrl-C."""
+def serve(name: str, workers: int | None = None) -> None:
+    """Run one service in this process (and `workers` - 1 more) until SIGTERM or Ctrl-C."""
     if name not in SERVICES:
         raise LaunchError(f"unknown service {name!r}; known: {', '.join(SERVICES)}")
+    if workers:
+        os.environ[f"MLMESH_{name.upper()}_WORKERS"] = str(workers)  # read by the service's settings
     entry = importlib.import_module(f"{SERVICES[name][0]}.main")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(entry.main())

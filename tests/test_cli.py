@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 from services.cli import app
 from services.common import natsserver
 from services.launcher import down as stop_mesh
-from services.launcher import is_alive, read_state
+from services.launcher import health_status, is_alive, read_state
 from tests.conftest import RegistryProcess, clean_environment
+from tests.e2e.test_registry_process import worker_pids
 
 REGISTRY_GRPC_SERVICE = "mlmesh.v1.RegistryService"
 runner = CliRunner()
@@ -196,3 +197,34 @@ def test_events_tail_json_prints_the_registration_event(cli, registry_process: R
             tail.kill()
             tail.wait()
     assert tail.returncode == 0  # SIGTERM ends the tail cleanly
+
+
+def test_serve_with_workers_runs_that_many_processes_on_one_port_and_stops_them_all(tmp_path) -> None:
+    port = natsserver.free_port()
+    env = {**clean_environment(), "MLMESH_HOME": str(tmp_path / "home"), "MLMESH_REGISTRY_PORT": str(port)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve", "registry", "--workers", "3"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(worker_pids(process.pid)) < 2 or health_status(f"127.0.0.1:{port}", REGISTRY_GRPC_SERVICE) != (
+            "SERVING"
+        ):
+            assert process.poll() is None and time.monotonic() < deadline, "the registry and its workers did not start"
+            time.sleep(0.2)
+        workers = worker_pids(process.pid)
+        assert len(workers) == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or b"spawn_main" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_serve_refuses_a_worker_count_below_one() -> None:
+    result = mlmesh("serve", "registry", "--workers", "0", env={**clean_environment()})
+    assert result.returncode == 2
+    assert "--workers" in result.stderr
