@@ -499,8 +499,10 @@ def cpu_seconds(pid: int) -> float | None:
 # ---------------------------------------------------------------- h2load, the load generator
 
 H2LOAD = shutil.which("h2load")
-H2LOAD_STREAMS = 2
-"""Calls in flight per HTTP/2 connection; every throughput phase keeps 16 in flight in all."""
+H2LOAD_STREAMS = 1
+"""Calls in flight per HTTP/2 connection; every throughput phase keeps 16 in flight in all, over
+16 connections, which the kernel spreads over the registry's worker processes (SO_REUSEPORT
+hashes connections: with few, one process can end up with most of them)."""
 
 
 def grpc_body(*messages: Any) -> bytes:
@@ -591,7 +593,7 @@ async def grpc_baseline(channel: grpc.aio.Channel, plan: Plan, port: int, workdi
         body = grpc_body(health_pb2.HealthCheckRequest(service=""))
         calls = int(plan.baseline_seconds * 3000)
         result = await h2load_closed_loop(
-            port, "grpc.health.v1.Health/Check", [body] * 2, calls_each=calls, connections=4, workdir=workdir
+            port, "grpc.health.v1.Health/Check", [body] * 2, calls_each=calls, connections=8, workdir=workdir
         )
         check_answer_bytes(result, [len(health_pb2.HealthCheckResponse(status=1).SerializeToString())] * 2)
         return result
@@ -616,7 +618,7 @@ async def register_throughput(
             "mlmesh.v1.RegistryService/RegisterModelVersion",
             bodies,
             calls_each=plan.register_versions // len(names),
-            connections=2,
+            connections=4,
             workdir=workdir,
         )
         # Each process sent the same bytes, so its versions share content; what counts is that
@@ -666,7 +668,7 @@ async def get_throughput(
             "mlmesh.v1.RegistryService/GetModelVersion",
             [grpc_body(request) for request in requests],
             calls_each=int(plan.get_seconds * 1500),
-            connections=4,
+            connections=8,
             workdir=workdir,
         )
         check_answer_bytes(result, sizes)
