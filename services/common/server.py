@@ -309,15 +309,15 @@ class ServiceRuntime:
     port: int
     health: health.aio.HealthServicer
     service_names: list[str]
-    database: Database
-    outbox: Outbox
     settings: ServiceSettings
+    database: Database | None = None
+    outbox: Outbox | None = None
     background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     leader_background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     relay: Relay | None = None
 
     def __post_init__(self) -> None:
-        if self.settings.nats_url:
+        if self.settings.nats_url and self.database and self.outbox:
             self.relay = Relay(
                 self.database,
                 self.outbox,
@@ -339,7 +339,8 @@ class ServiceRuntime:
         try:
             await serve_until_stopped(self.server, self.health, self.service_names, jobs, stop=stop)
         finally:
-            self.database.dispose()
+            if self.database:
+                self.database.dispose()
 
 
 Build = Callable[[Any], ServiceRuntime]
@@ -373,8 +374,12 @@ async def run_service(settings: ServiceSettings, build: Build) -> None:
                 worker.kill()
 
 
-def _worker(build: Build, settings: ServiceSettings) -> None:
+def _configure_logging(settings: ServiceSettings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _worker(build: Build, settings: ServiceSettings) -> None:
+    _configure_logging(settings)
     asyncio.run(_serve_as_worker(build, settings))
 
 

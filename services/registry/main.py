@@ -72,5 +72,4 @@ def build_server(settings: RegistrySettings) -> object:
 async def main(settings: RegistrySettings | None = None) -> None:
     """Run the registry (in `settings.workers` processes) until SIGTERM."""
     settings = settings or RegistrySettings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     await run_service(settings, build)

@@ -1,0 +1,308 @@
+"""What the runtime does: hold loaded ONNX models, check tensors against their signatures, run them.
+
+Tensors arrive and leave as numpy arrays; the servicer turns Open Inference Protocol messages
+into `Tensor`s and back, and nothing here knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
+
+PLATFORM = "onnx_onnxv1"
+
+# OIP datatype -> numpy dtype (little-endian, as raw contents are). BYTES elements are Python bytes.
+DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+
+# onnxruntime's type strings -> OIP datatypes.
+ONNX_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    array: np.ndarray
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    """-1 marks a dimension of any size."""
+
+
+@dataclass
+class Signature:
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+# ---------------------------------------------------------------- decoding tensors
+
+
+def check_shape(name: str, shape: Sequence[int], max_elements: int) -> tuple[int, ...]:
+    """The shape as a tuple, refusing negative dimensions and more elements than allowed."""
+    if any(dimension < 0 for dimension in shape):
+        raise InvalidArgument(f"input {name!r}: shape {list(shape)} has a negative dimension", field="inputs.shape")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise ResourceExhausted(
+            f"input {name!r}: shape {list(shape)} holds {count} elements; at most {max_elements} are accepted "
+            "(MLMESH_RUNTIME_MAX_ELEMENTS)"
+        )
+    return tuple(shape)
+
+
+def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: Any, max_elements: int) -> Tensor:
+    """A tensor from typed contents (any sequence of elements, flattened row-major)."""
+    dtype = _dtype(name, datatype)
+    dims = check_shape(name, shape, max_elements)
+    if datatype in ("FP16", "BF16"):
+        raise InvalidArgument(f"input {name!r}: {datatype} travels only as raw contents", field="inputs.contents")
+    count = math.prod(dims)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input {name!r}: shape {list(dims)} needs {count} elements but the contents hold {len(values)}",
+            field="inputs.contents",
+        )
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+    else:
+        array = np.asarray(values, dtype=dtype)
+    return Tensor(name, datatype, dims, array.reshape(dims))
+
+
+def tensor_from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes, max_elements: int) -> Tensor:
+    """A tensor from raw contents: elements row-major, little-endian; BYTES length-prefixed."""
+    dtype = _dtype(name, datatype)
+    dims = check_shape(name, shape, max_elements)
+    count = math.prod(dims)
+    if datatype == "BYTES":
+        elements = _split_bytes(name, raw, count)
+        array = np.empty(count, dtype=object)
+        array[:] = elements
+        return Tensor(name, datatype, dims, array.reshape(dims))
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidArgument(
+            f"input {name!r}: {datatype} shape {list(dims)} needs {expected} raw bytes but {len(raw)} arrived",
+            field="raw_input_contents",
+        )
+    return Tensor(name, datatype, dims, np.frombuffer(raw, dtype=dtype).reshape(dims))
+
+
+def _split_bytes(name: str, raw: bytes, count: int) -> list[bytes]:
+    elements, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidArgument(f"input {name!r}: raw BYTES end inside a length prefix", field="raw_input_contents")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidArgument(f"input {name!r}: raw BYTES element runs past the end", field="raw_input_contents")
+        elements.append(bytes(raw[offset : offset + length]))
+        offset += length
+    if len(elements) != count:
+        raise InvalidArgument(
+            f"input {name!r}: the shape needs {count} BYTES elements but the raw contents hold {len(elements)}",
+            field="raw_input_contents",
+        )
+    return elements
+
+
+def _dtype(name: str, datatype: str) -> np.dtype[Any]:
+    dtype = DTYPES.get(datatype)
+    if dtype is None:
+        known = ", ".join(DTYPES)
+        raise InvalidArgument(f"input {name!r}: datatype {datatype[:40]!r} is not one of {known}", field="datatype")
+    return dtype
+
+
+# ---------------------------------------------------------------- encoding tensors
+
+
+def raw_bytes(tensor: Tensor) -> bytes:
+    """Raw contents of a tensor (BYTES elements length-prefixed)."""
+    if tensor.datatype != "BYTES":
+        return np.ascontiguousarray(tensor.array, dtype=DTYPES[tensor.datatype]).tobytes()
+    parts = []
+    for element in tensor.array.reshape(-1):
+        data = element if isinstance(element, bytes) else str(element).encode()
+        parts += [struct.pack("<I", len(data)), data]
+    return b"".join(parts)
+
+
+def output_tensor(name: str, array: np.ndarray) -> Tensor:
+    """An output of onnxruntime as a tensor with its OIP datatype."""
+    if array.dtype == object or array.dtype.kind in "US":
+        return Tensor(name, "BYTES", tuple(array.shape), array.astype(object))
+    for datatype, dtype in DTYPES.items():
+        if datatype != "BYTES" and array.dtype == dtype.newbyteorder("="):
+            return Tensor(name, datatype, tuple(array.shape), array)
+    raise InvalidArgument(f"output {name!r} has numpy type {array.dtype}, which the protocol cannot carry")
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass
+class LoadedModel:
+    """One model version in an onnxruntime session."""
+
+    name: str
+    version: str
+    signature: Signature
+    session: Any
+    onnx_outputs: list[str] = field(default_factory=list)
+
+    def check(self, tensors: Iterable[Tensor]) -> dict[str, Tensor]:
+        """The inputs by name, each matching the signature; otherwise INVALID_ARGUMENT saying what was expected."""
+        expected = {spec.name: spec for spec in self.signature.inputs}
+        given: dict[str, Tensor] = {}
+        for tensor in tensors:
+            spec = expected.get(tensor.name)
+            if spec is None:
+                raise InvalidArgument(
+                    f"model {self.name} has no input {tensor.name[:100]!r}; its inputs are {', '.join(expected)}",
+                    field="inputs.name",
+                )
+            if tensor.name in given:
+                raise InvalidArgument(f"input {tensor.name!r} is given twice", field="inputs.name")
+            if tensor.datatype != spec.datatype:
+                raise InvalidArgument(
+                    f"input {tensor.name!r} must be {spec.datatype}, not {tensor.datatype}", field="inputs.datatype"
+                )
+            if len(tensor.shape) != len(spec.shape) or any(
+                want not in (-1, got) for want, got in zip(spec.shape, tensor.shape, strict=True)
+            ):
+                raise InvalidArgument(
+                    f"input {tensor.name!r} has shape {list(tensor.shape)}; the model takes {list(spec.shape)} "
+                    "(-1: any size)",
+                    field="inputs.shape",
+                )
+            given[tensor.name] = tensor
+        missing = [name for name in expected if name not in given]
+        if missing:
+            raise InvalidArgument(f"inputs {', '.join(missing)} are missing", field="inputs")
+        return given
+
+    def infer(self, inputs: dict[str, Tensor], requested: Sequence[str] = ()) -> list[Tensor]:
+        """Run the model on checked inputs; `requested` names outputs (empty: every tensor output)."""
+        names = list(requested) or self.onnx_outputs
+        unknown = [name for name in names if name not in self.onnx_outputs]
+        if unknown:
+            raise InvalidArgument(
+                f"model {self.name} has no output {unknown[0][:100]!r}; its outputs are {', '.join(self.onnx_outputs)}",
+                field="outputs.name",
+            )
+        feeds = {name: _feed(tensor) for name, tensor in inputs.items()}
+        try:
+            results = self.session.run(names, feeds)
+        except Exception as error:  # onnxruntime refuses values the signature could not rule out
+            raise InvalidArgument(f"model {self.name} could not run on these inputs: {error}") from error
+        return [output_tensor(name, np.asarray(result)) for name, result in zip(names, results, strict=True)]
+
+
+def _feed(tensor: Tensor) -> np.ndarray:
+    if tensor.datatype == "BYTES":  # onnxruntime takes strings for tensor(string)
+        return np.vectorize(lambda item: item.decode(errors="replace"), otypes=[object])(tensor.array)
+    return tensor.array
+
+
+def load_model(
+    name: str, version: str, path: Path, signature: Signature | None, threads: tuple[int, int]
+) -> LoadedModel:
+    """An onnxruntime session for the ONNX file at `path`; the signature defaults to the graph's."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = Signature(
+        inputs=[_spec(node) for node in session.get_inputs()],
+        outputs=[_spec(node) for node in session.get_outputs() if node.type in ONNX_TYPES],
+    )
+    tensor_outputs = [spec.name for spec in graph.outputs]
+    chosen = signature if signature and signature.inputs else graph
+    return LoadedModel(name, version, chosen, session, tensor_outputs)
+
+
+def _spec(node: Any) -> TensorSpec:
+    shape = tuple(dimension if isinstance(dimension, int) and dimension >= 0 else -1 for dimension in node.shape)
+    return TensorSpec(node.name, ONNX_TYPES.get(node.type, node.type), shape)
+
+
+class ModelStore:
+    """The models this runtime serves, by name and version."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, dict[str, LoadedModel]] = {}
+
+    def add(self, model: LoadedModel) -> None:
+        self._models.setdefault(model.name, {})[model.version] = model
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self._models.get(name, {}), key=_version_order)
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        """The model `name` at `version`; an empty version picks the newest served."""
+        versions = self._models.get(name)
+        if not versions:
+            served = ", ".join(self.names()) or "none"
+            raise NotFound(f"model {name[:200]!r} is not served here (served: {served})", reason="MODEL_NOT_FOUND")
+        if not version:
+            return versions[self.versions(name)[-1]]
+        model = versions.get(version)
+        if model is None:
+            raise NotFound(
+                f"model {name!r} has no version {version[:40]!r} here (served: {', '.join(self.versions(name))})",
+                reason="VERSION_NOT_FOUND",
+            )
+        return model
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (1 << 62, version)

@@ -1,0 +1,82 @@
+"""Entry point of the runtime: download the model versions it serves, then serve them over OIP gRPC."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from services._proto.inference import open_inference_pb2, open_inference_pb2_grpc
+from services.client import RegistryClient
+from services.common.server import ServiceRuntime, run_service
+from services.common.server import build_server as build_grpc_server
+from services.runtime import domain
+from services.runtime.servicer import InferenceServicer
+from services.runtime.settings import RuntimeSettings
+
+SERVICE_NAME = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+log = logging.getLogger(__name__)
+
+
+def load_models(settings: RuntimeSettings) -> domain.ModelStore:
+    """Each ref's version from the registry: its main .onnx file, downloaded once into the cache
+    (by sha256, checked on download), in an onnxruntime session."""
+    store = domain.ModelStore()
+    cache = settings.resolved_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    threads = (settings.intra_op_threads, settings.inter_op_threads)
+    with RegistryClient(settings.registry_address, actor="runtime") as client:
+        for ref in settings.model_refs():
+            version = client.get(ref)
+            onnx_files = sorted(
+                (file for file in version.files if file.path.endswith(".onnx")), key=lambda f: len(f.path)
+            )
+            if not onnx_files:
+                raise SystemExit(f"{ref} ({version.name}:{version.version}) has no .onnx file; the runtime serves ONNX")
+            main_file = onnx_files[0]
+            target = cache / main_file.sha256 / "model.onnx"
+            if not target.exists():
+                with tempfile.TemporaryDirectory(dir=cache, prefix="download-") as scratch:
+                    client.download(f"{version.name}:{version.version}", Path(scratch))
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(Path(scratch) / main_file.path, target)
+            signature = domain.Signature(
+                inputs=[domain.TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in version.signature.inputs],
+                outputs=[domain.TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in version.signature.outputs],
+            )
+            store.add(domain.load_model(version.name, str(version.version), target, signature, threads))
+            log.info("serving %s:%s (%s)", version.name, version.version, ref)
+    return store
+
+
+def build(settings: RuntimeSettings) -> ServiceRuntime:
+    store = load_models(settings)
+    server, port, health = build_grpc_server(
+        "runtime",
+        [
+            (
+                open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+                InferenceServicer(store, settings.max_elements),
+                SERVICE_NAME,
+            )
+        ],
+        host=settings.host,
+        port=settings.port,
+        max_message_bytes=settings.max_message_bytes,
+        share_port=settings.workers > 1,
+    )
+    return ServiceRuntime(
+        name="runtime", server=server, port=port, health=health, service_names=[SERVICE_NAME], settings=settings
+    )
+
+
+def build_server(settings: RuntimeSettings) -> object:
+    """An unstarted grpc.aio server of the runtime (its models already loaded)."""
+    return build(settings).server
+
+
+async def main(settings: RuntimeSettings | None = None) -> None:
+    """Serve the configured models until SIGTERM."""
+    settings = settings or RuntimeSettings()
+    await run_service(settings, build)

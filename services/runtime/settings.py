@@ -1,0 +1,44 @@
+"""Settings of the runtime, the inference server of a deployment (environment prefix MLMESH_RUNTIME_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class RuntimeSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MLMESH_RUNTIME_", extra="ignore", populate_by_name=True)
+
+    service_name: str = "runtime"
+    """Name used in telemetry and file names."""
+
+    port: int = 8001
+    """gRPC port of the Open Inference Protocol (8001, as Triton's)."""
+
+    models: str = ""
+    """The model versions to serve, comma-separated registry refs: `name:version` or `name@alias`."""
+
+    registry_address: str = "127.0.0.1:50051"
+    """host:port of the registry the models are downloaded from."""
+
+    cache_dir: Path | None = None
+    """Where downloaded model files are kept by sha256; default <home>/runtime-cache."""
+
+    intra_op_threads: int = Field(default=1, ge=0)
+    """onnxruntime threads inside one operator (0: onnxruntime decides)."""
+
+    inter_op_threads: int = Field(default=1, ge=0)
+    """onnxruntime threads across operators (0: onnxruntime decides)."""
+
+    max_elements: int = Field(default=16 * 1024 * 1024, ge=1)
+    """Most elements one input tensor may hold; more answers RESOURCE_EXHAUSTED."""
+
+    def model_refs(self) -> list[str]:
+        return [ref.strip() for ref in self.models.split(",") if ref.strip()]
+
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir or self.home / "runtime-cache"

@@ -1,0 +1,121 @@
+"""Tensor decoding and checking against a signature, with real onnxruntime sessions."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from services.runtime import domain
+from tests.registry.test_models import tiny_onnx
+
+LIMIT = 1_000_000
+
+
+@pytest.fixture
+def adder(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(tiny_onnx())
+    return domain.load_model("adder", "1", path, None, (1, 1))
+
+
+def test_the_graph_gives_the_signature_when_the_registry_has_none(adder):
+    assert adder.signature.inputs == [domain.TensorSpec("x", "FP32", (-1, 3))]
+    assert adder.signature.outputs == [domain.TensorSpec("y", "FP32", (-1, 3))]
+
+
+def test_typed_and_raw_inputs_give_the_same_answer_as_onnxruntime(adder):
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    typed = domain.tensor_from_values("x", "FP32", [2, 3], values.reshape(-1).tolist(), LIMIT)
+    raw = domain.tensor_from_raw("x", "FP32", [2, 3], values.tobytes(), LIMIT)
+    for tensor in (typed, raw):
+        (output,) = adder.infer(adder.check([tensor]))
+        assert output.name == "y" and output.datatype == "FP32" and output.shape == (2, 3)
+        np.testing.assert_array_equal(output.array, values + 1)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "words"),
+    [
+        (lambda: domain.tensor_from_values("z", "FP32", [1, 3], [1, 2, 3], LIMIT), ["no input 'z'", "x"]),
+        (lambda: domain.tensor_from_values("x", "FP64", [1, 3], [1, 2, 3], LIMIT), ["must be FP32", "FP64"]),
+        (lambda: domain.tensor_from_values("x", "FP32", [1, 4], [1, 2, 3, 4], LIMIT), ["[1, 4]", "[-1, 3]"]),
+        (lambda: domain.tensor_from_values("x", "FP32", [3], [1, 2, 3], LIMIT), ["[3]", "[-1, 3]"]),
+    ],
+)
+def test_inputs_that_do_not_match_the_signature_name_the_tensor_and_what_was_expected(adder, tensor, words):
+    with pytest.raises(InvalidArgument) as caught:
+        adder.check([tensor()])
+    assert all(word in str(caught.value) for word in words), str(caught.value)
+
+
+def test_missing_and_repeated_inputs_are_refused(adder):
+    x = domain.tensor_from_values("x", "FP32", [1, 3], [1, 2, 3], LIMIT)
+    with pytest.raises(InvalidArgument, match="missing"):
+        adder.check([])
+    with pytest.raises(InvalidArgument, match="twice"):
+        adder.check([x, x])
+
+
+def test_an_unknown_output_is_refused(adder):
+    x = domain.tensor_from_values("x", "FP32", [1, 3], [1, 2, 3], LIMIT)
+    with pytest.raises(InvalidArgument, match="no output 'nope'"):
+        adder.infer(adder.check([x]), ["nope"])
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "words"),
+    [
+        (lambda: domain.tensor_from_raw("x", "FP32", [2, 3], b"\0" * 23, LIMIT), InvalidArgument, "24 raw bytes"),
+        (lambda: domain.tensor_from_values("x", "FP32", [2, 3], [1.0] * 5, LIMIT), InvalidArgument, "6 elements"),
+        (lambda: domain.tensor_from_values("x", "FP32", [-1, 3], [], LIMIT), InvalidArgument, "negative"),
+        (lambda: domain.tensor_from_raw("x", "FP32", [2**40, 2**40], b"", LIMIT), ResourceExhausted, "at most"),
+        (lambda: domain.tensor_from_values("x", "COMPLEX", [1], [1], LIMIT), InvalidArgument, "not one of"),
+        (lambda: domain.tensor_from_values("x", "FP16", [1], [1], LIMIT), InvalidArgument, "only as raw"),
+        (lambda: domain.tensor_from_raw("s", "BYTES", [1], b"\x05\0\0\0ab", LIMIT), InvalidArgument, "past the end"),
+        (lambda: domain.tensor_from_raw("s", "BYTES", [2], b"\x01\0\0\0a", LIMIT), InvalidArgument, "2 BYTES"),
+        (lambda: domain.tensor_from_raw("s", "BYTES", [1], b"\x01\0", LIMIT), InvalidArgument, "length prefix"),
+    ],
+)
+def test_malformed_tensors_are_refused_with_a_reason(make, error, words):
+    with pytest.raises(error) as caught:
+        make()
+    assert words in str(caught.value)
+
+
+@given(st.lists(st.binary(max_size=20), max_size=10))
+def test_bytes_tensors_survive_raw_encoding(elements):
+    raw = b"".join(struct.pack("<I", len(element)) + element for element in elements)
+    tensor = domain.tensor_from_raw("s", "BYTES", [len(elements)], raw, LIMIT)
+    assert list(tensor.array) == elements
+    assert domain.raw_bytes(tensor) == raw
+
+
+@given(
+    st.sampled_from(
+        ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
+    ),
+    st.lists(st.integers(0, 1), min_size=0, max_size=12),
+)
+def test_numeric_tensors_survive_raw_encoding(datatype, values):
+    array = np.asarray(values, dtype=domain.DTYPES[datatype])
+    tensor = domain.tensor_from_raw("t", datatype, [len(values)], array.tobytes(), LIMIT)
+    assert domain.raw_bytes(tensor) == array.tobytes()
+    assert domain.output_tensor("t", tensor.array).datatype == datatype
+
+
+def test_the_store_picks_the_newest_version_and_names_what_it_serves(adder, tmp_path):
+    store = domain.ModelStore()
+    store.add(adder)
+    newer = domain.LoadedModel("adder", "10", adder.signature, adder.session, adder.onnx_outputs)
+    store.add(newer)
+    assert store.get("adder") is newer and store.get("adder", "1") is adder
+    assert store.versions("adder") == ["1", "10"]
+    with pytest.raises(NotFound, match="served: adder"):
+        store.get("other")
+    with pytest.raises(NotFound, match="served: 1, 10"):
+        store.get("adder", "2")
