@@ -1,8 +1,8 @@
 """The one error hierarchy of mlmesh.
 
 Domain code raises these; the gRPC error interceptor (services.common.server) maps each to its
-status code with `google.rpc.Status` details. Codes are named as strings so that domain code
-never imports grpc.
+status code with `google.rpc.Status` details, and HTTP APIs map them with `http_status`. Codes
+are named as strings so that domain code never imports grpc.
 """
 
 from __future__ import annotations
@@ -80,3 +80,20 @@ class Unavailable(MlmeshError):
 
     code = "UNAVAILABLE"
     reason = "UNAVAILABLE"
+
+
+# For the HTTP APIs (the runtime's /v2): the status each code answers with.
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "ABORTED": 409,
+    "RESOURCE_EXHAUSTED": 413,
+    "UNAVAILABLE": 503,
+}
+
+
+def http_status(error: MlmeshError) -> int:
+    """The HTTP status of `error` (500 for what the caller cannot fix)."""
+    return HTTP_STATUS.get(error.code, 500)

@@ -343,9 +343,36 @@ class ServiceRuntime:
                 self.database.dispose()
 
 
+def service_runtime(
+    name: str,
+    settings: ServiceSettings,
+    registrations: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
+    **parts: Any,
+) -> ServiceRuntime:
+    """A service's gRPC server, configured from its settings (host, port, message size, workers),
+    with what runs beside it (`parts`: database, outbox, background, leader_background)."""
+    server, port, health_servicer = build_server(
+        name,
+        registrations,
+        host=settings.host,
+        port=settings.port,
+        max_message_bytes=settings.max_message_bytes,
+        share_port=settings.workers > 1,
+    )
+    return ServiceRuntime(
+        name=name,
+        server=server,
+        port=port,
+        health=health_servicer,
+        service_names=[service for _, _, service in registrations],
+        settings=settings,
+        **parts,
+    )
+
+
 Build = Callable[[Any], ServiceRuntime]
-"""A service's `build(settings)`: a module-level function, so that worker processes can import it.
-It passes `share_port=settings.workers > 1` to `build_server`."""
+"""A service's `build(settings)`: a module-level function, so that worker processes can import it
+(`service_runtime` makes what it returns)."""
 
 
 async def run_service(settings: ServiceSettings, build: Build) -> None:

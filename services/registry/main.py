@@ -9,8 +9,7 @@ from services._proto.mlmesh.v1 import registry_pb2, registry_pb2_grpc
 from services.common.blobs import BlobStore
 from services.common.db import Database
 from services.common.outbox import Outbox
-from services.common.server import ServiceRuntime, run_service
-from services.common.server import build_server as build_grpc_server
+from services.common.server import ServiceRuntime, run_service, service_runtime
 from services.registry.domain import Registry
 from services.registry.models import TABLES, create_tables
 from services.registry.servicer import RegistryServicer
@@ -34,14 +33,6 @@ def build(settings: RegistrySettings) -> ServiceRuntime:
         max_dataset_bytes=settings.max_dataset_bytes,
         blob_grace_seconds=settings.blob_sweep_grace_seconds,
     )
-    server, port, health = build_grpc_server(
-        "registry",
-        [(registry_pb2_grpc.add_RegistryServiceServicer_to_server, RegistryServicer(registry), SERVICE_NAME)],
-        host=settings.host,
-        port=settings.port,
-        max_message_bytes=settings.max_message_bytes,
-        share_port=settings.workers > 1,
-    )
 
     async def sweep_blobs() -> None:
         while True:
@@ -51,16 +42,9 @@ def build(settings: RegistrySettings) -> ServiceRuntime:
                 logging.getLogger(__name__).exception("blob sweep failed")
             await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
 
-    return ServiceRuntime(
-        name="registry",
-        server=server,
-        port=port,
-        health=health,
-        service_names=[SERVICE_NAME],
-        database=database,
-        outbox=outbox,
-        settings=settings,
-        leader_background=[sweep_blobs],
+    registration = (registry_pb2_grpc.add_RegistryServiceServicer_to_server, RegistryServicer(registry), SERVICE_NAME)
+    return service_runtime(
+        "registry", settings, [registration], database=database, outbox=outbox, leader_background=[sweep_blobs]
     )
 
 

@@ -10,6 +10,7 @@ import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,15 @@ import numpy as np
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
 
 PLATFORM = "onnx_onnxv1"
+
+
+def server_version() -> str:
+    """mlmesh's version, as the runtime reports it in server metadata."""
+    try:
+        return package_metadata.version("mlmesh")
+    except package_metadata.PackageNotFoundError:
+        return "0+unknown"
+
 
 # OIP datatype -> numpy dtype (little-endian, as raw contents are). BYTES elements are Python bytes.
 DTYPES: dict[str, np.dtype[Any]] = {

@@ -1,17 +1,20 @@
-"""Entry point of the runtime: download the model versions it serves, then serve them over OIP gRPC."""
+"""Entry point of the runtime: download the model versions it serves, then serve them over the Open
+Inference Protocol, gRPC and REST, in one process."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import tempfile
 from pathlib import Path
 
+from aiohttp import web
+
 from services._proto.inference import open_inference_pb2, open_inference_pb2_grpc
 from services.client import RegistryClient
-from services.common.server import ServiceRuntime, run_service
-from services.common.server import build_server as build_grpc_server
-from services.runtime import domain
+from services.common.server import ServiceRuntime, run_service, service_runtime
+from services.runtime import domain, rest
 from services.runtime.servicer import InferenceServicer
 from services.runtime.settings import RuntimeSettings
 
@@ -52,23 +55,21 @@ def load_models(settings: RuntimeSettings) -> domain.ModelStore:
 
 def build(settings: RuntimeSettings) -> ServiceRuntime:
     store = load_models(settings)
-    server, port, health = build_grpc_server(
-        "runtime",
-        [
-            (
-                open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-                InferenceServicer(store, settings.max_elements),
-                SERVICE_NAME,
-            )
-        ],
-        host=settings.host,
-        port=settings.port,
-        max_message_bytes=settings.max_message_bytes,
-        share_port=settings.workers > 1,
-    )
-    return ServiceRuntime(
-        name="runtime", server=server, port=port, health=health, service_names=[SERVICE_NAME], settings=settings
-    )
+    app = rest.build_app(store, settings.max_elements, settings.max_message_bytes, domain.server_version())
+
+    async def serve_http() -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, settings.host, settings.http_port, reuse_port=settings.workers > 1).start()
+            log.info("runtime REST API on http://%s:%s/v2", settings.host, settings.http_port)
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            await runner.cleanup()
+
+    servicer = InferenceServicer(store, settings.max_elements)
+    registration = (open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE_NAME)
+    return service_runtime("runtime", settings, [registration], background=[serve_http])
 
 
 def build_server(settings: RuntimeSettings) -> object:

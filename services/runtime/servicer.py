@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from importlib import metadata as package_metadata
 from typing import Any
 
 import grpc
@@ -28,13 +27,6 @@ CONTENTS = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-
-
-def _server_version() -> str:
-    try:
-        return package_metadata.version("mlmesh")
-    except package_metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def tensors_from_request(request: Any, max_elements: int) -> list[domain.Tensor]:
@@ -90,7 +82,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return oip.ServerMetadataResponse(name="mlmesh-runtime", version=_server_version(), extensions=[])
+        return oip.ServerMetadataResponse(name="mlmesh-runtime", version=domain.server_version(), extensions=[])
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         model = self.store.get(request.name, request.version)

@@ -19,6 +19,9 @@ class RuntimeSettings(ServiceSettings):
     port: int = 8001
     """gRPC port of the Open Inference Protocol (8001, as Triton's)."""
 
+    http_port: int = 8000
+    """HTTP port of the Open Inference Protocol's REST API, `/v2/...` (8000, as Triton's)."""
+
     models: str = ""
     """The model versions to serve, comma-separated registry refs: `name:version` or `name@alias`."""
 

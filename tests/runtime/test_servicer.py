@@ -3,9 +3,6 @@ client (tritonclient) and by OIP messages built by hand, well-formed and hostile
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -19,56 +16,19 @@ from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
-from services.client import RegistryClient
-from services.common import natsserver
-from services.launcher import health_status
-from tests.conftest import ROOT, RegistryProcess, clean_environment
-from tests.registry.test_models import tiny_onnx
+from tests.runtime.conftest import RuntimeProcess
 
 SERVICE = "inference.GRPCInferenceService"
 
 
-@pytest.fixture(scope="module")
-def runtime(registry_process: RegistryProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m services.runtime` serving adder:1 (y = x + 1 over [batch, 3] floats)."""
-    home = tmp_path_factory.mktemp("runtime-home")
-    (home / "model.onnx").write_bytes(tiny_onnx())
-    with RegistryClient(registry_process.address) as client:
-        version = client.register_model("adder", [home / "model.onnx"], framework="onnx")
-    port = natsserver.free_port()
-    environment = {
-        **clean_environment(),
-        "MLMESH_HOME": str(home),
-        "MLMESH_RUNTIME_PORT": str(port),
-        "MLMESH_RUNTIME_MODELS": f"adder:{version.version}",
-        "MLMESH_RUNTIME_REGISTRY_ADDRESS": registry_process.address,
-    }
-    with (home / "runtime.log").open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.runtime"], cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
-        )
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while health_status(address, SERVICE, timeout=1) != "SERVING":
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"the runtime did not start:\n{(home / 'runtime.log').read_text()}")
-        time.sleep(0.1)
-    try:
-        yield address
-    finally:
-        process.terminate()
-        process.wait(20)
-
-
 @pytest.fixture
-def stub(runtime: str) -> Iterator[oip_grpc.GRPCInferenceServiceStub]:
-    with grpc.insecure_channel(runtime) as channel:
+def stub(runtime: RuntimeProcess) -> Iterator[oip_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(runtime.grpc) as channel:
         yield oip_grpc.GRPCInferenceServiceStub(channel)
 
 
 def test_triton_client_reads_health_and_metadata(runtime):
-    client = triton.InferenceServerClient(url=runtime)
+    client = triton.InferenceServerClient(url=runtime.grpc)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("adder")
     metadata = client.get_model_metadata("adder")
     assert metadata.platform == "onnx_onnxv1" and list(metadata.versions) == ["1"]
@@ -79,7 +39,7 @@ def test_triton_client_reads_health_and_metadata(runtime):
 
 
 def test_triton_client_infers_with_raw_tensors_like_onnxruntime(runtime):
-    client = triton.InferenceServerClient(url=runtime)
+    client = triton.InferenceServerClient(url=runtime.grpc)
     values = np.random.default_rng(3).normal(size=(4, 3)).astype(np.float32)
     tensor = triton.InferInput("x", [4, 3], "FP32")
     tensor.set_data_from_numpy(values)
@@ -143,7 +103,7 @@ def test_hostile_requests_get_a_clear_status_and_the_server_keeps_serving(stub, 
 
 
 def test_bytes_that_are_not_a_request_are_refused(runtime):
-    with grpc.insecure_channel(runtime) as channel:
+    with grpc.insecure_channel(runtime.grpc) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         with pytest.raises(grpc.RpcError) as caught:
             call(b"\xff\xff\xff\xff")
