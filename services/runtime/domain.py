@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from services.common.errors import InvalidArgument, MlmeshError, NotFound, ResourceExhausted
 
 PLATFORM = "onnx_onnxv1"
 
@@ -316,3 +319,56 @@ class ModelStore:
 
 def _version_order(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (1 << 62, version)
+
+
+# ---------------------------------------------------------------- metrics
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Prometheus metrics of inference requests, by model, version, protocol and outcome. Labels
+    name only what is served, so that callers cannot make up series."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "mlmesh_runtime_requests",
+            "Inference requests answered, by outcome (a gRPC status code name).",
+            ["model", "version", "protocol", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "mlmesh_runtime_request_seconds",
+            "Time from a request's arrival to its answer.",
+            ["model", "version", "protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    @contextmanager
+    def observed(self, protocol: str, name: str, version: str) -> Iterator[None]:
+        """Count and time the inference request in the block, whatever its outcome."""
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            yield
+        except MlmeshError as error:
+            code = error.code
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            model, served = ("unknown", "unknown")
+            if name in self.store.names():
+                model = name
+                versions = self.store.versions(name)
+                served = version if version in versions else ("newest" if not version else "unknown")
+            self.requests.labels(model, served, protocol, code).inc()
+            self.latency.labels(model, served, protocol).observe(time.perf_counter() - started)
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return generate_latest(self.registry)

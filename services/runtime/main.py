@@ -55,7 +55,8 @@ def load_models(settings: RuntimeSettings) -> domain.ModelStore:
 
 def build(settings: RuntimeSettings) -> ServiceRuntime:
     store = load_models(settings)
-    app = rest.build_app(store, settings.max_elements, settings.max_message_bytes, domain.server_version())
+    metrics = domain.Metrics(store)
+    app = rest.build_app(store, metrics, settings.max_elements, settings.max_message_bytes, domain.server_version())
 
     async def serve_http() -> None:
         runner = web.AppRunner(app, access_log=None)
@@ -67,7 +68,7 @@ def build(settings: RuntimeSettings) -> ServiceRuntime:
         finally:
             await runner.cleanup()
 
-    servicer = InferenceServicer(store, settings.max_elements)
+    servicer = InferenceServicer(store, metrics, settings.max_elements)
     registration = (open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE_NAME)
     return service_runtime("runtime", settings, [registration], background=[serve_http])
 

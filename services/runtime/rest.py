@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.common.errors import InvalidArgument, MlmeshError, http_status
 from services.runtime import domain
@@ -21,9 +22,15 @@ from services.runtime import domain
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-def build_app(store: domain.ModelStore, max_elements: int, max_body_bytes: int, server_version: str) -> web.Application:
+def build_app(
+    store: domain.ModelStore, metrics: domain.Metrics, max_elements: int, max_body_bytes: int, server_version: str
+) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors])
     routes = web.RouteTableDef()
+
+    @routes.get("/metrics")
+    async def prometheus(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @routes.get("/v2/health/live")
     async def live(_: web.Request) -> web.Response:
@@ -67,17 +74,17 @@ def build_app(store: domain.ModelStore, max_elements: int, max_body_bytes: int, 
     @routes.post("/v2/models/{model}/infer")
     @routes.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(request: web.Request) -> web.Response:
-        model = _model(store, request)
-        body = await request.read()
-        header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
-        tensors = _tensors(header, binary, max_elements)
-        outputs_wanted = header.get("outputs") or []
-        if not isinstance(outputs_wanted, list) or not all(isinstance(o, dict) for o in outputs_wanted):
-            raise InvalidArgument("outputs must be a list of objects with a name", field="outputs")
-        names = [str(output.get("name", "")) for output in outputs_wanted]
-        outputs = await asyncio.to_thread(model.infer, model.check(tensors), names)
-        binary_out = _wants_binary(header, outputs_wanted)
-        return _answer(model, header.get("id"), outputs, binary_out)
+        with metrics.observed("rest", request.match_info["model"], request.match_info.get("version", "")):
+            model = _model(store, request)
+            body = await request.read()
+            header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
+            tensors = _tensors(header, binary, max_elements)
+            outputs_wanted = header.get("outputs") or []
+            if not isinstance(outputs_wanted, list) or not all(isinstance(o, dict) for o in outputs_wanted):
+                raise InvalidArgument("outputs must be a list of objects with a name", field="outputs")
+            names = [str(output.get("name", "")) for output in outputs_wanted]
+            outputs = await asyncio.to_thread(model.infer, model.check(tensors), names)
+            return _answer(model, header.get("id"), outputs, _wants_binary(header, outputs_wanted))
 
     app.add_routes(routes)
     return app

@@ -67,8 +67,9 @@ def response_for(model: domain.LoadedModel, request_id: str, outputs: list[domai
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, store: domain.ModelStore, max_elements: int) -> None:
+    def __init__(self, store: domain.ModelStore, metrics: domain.Metrics, max_elements: int) -> None:
         self.store = store
+        self.metrics = metrics
         self.max_elements = max_elements
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -102,8 +103,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        model = self.store.get(request.model_name, request.model_version)
-        inputs = model.check(tensors_from_request(request, self.max_elements))
-        requested = [output.name for output in request.outputs]
-        outputs = await asyncio.to_thread(model.infer, inputs, requested)  # onnxruntime releases the GIL
-        return response_for(model, request.id, outputs, raw=bool(request.raw_input_contents))
+        with self.metrics.observed("grpc", request.model_name, request.model_version):
+            model = self.store.get(request.model_name, request.model_version)
+            inputs = model.check(tensors_from_request(request, self.max_elements))
+            requested = [output.name for output in request.outputs]
+            outputs = await asyncio.to_thread(model.infer, inputs, requested)  # onnxruntime releases the GIL
+            return response_for(model, request.id, outputs, raw=bool(request.raw_input_contents))

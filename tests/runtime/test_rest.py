@@ -102,3 +102,29 @@ def test_server_metadata_and_readiness_of_unknown_models(runtime):
     assert call(runtime, "/v2")[1]["name"] == "mlmesh-runtime"
     assert call(runtime, "/v2/models/adder/versions/1/ready") == (200, {"ready": True})
     assert call(runtime, "/v2/models/nope/ready")[0] == 404
+
+
+def metric(runtime: RuntimeProcess, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"http://{runtime.http}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            found = ",".join(sorted(line[len(name) + 1 : line.index("}")].split(",")))
+            if found == wanted:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_count_requests_by_model_protocol_and_outcome(runtime):
+    ok = {"model": "adder", "version": "1", "protocol": "rest", "code": "OK"}
+    bad = {**ok, "code": "INVALID_ARGUMENT"}
+    unknown = {"model": "unknown", "version": "unknown", "protocol": "rest", "code": "NOT_FOUND"}
+    before = [metric(runtime, "mlmesh_runtime_requests_total", **labels) for labels in (ok, bad, unknown)]
+    call(runtime, "/v2/models/adder/versions/1/infer", x())
+    call(runtime, "/v2/models/adder/versions/1/infer", x())
+    call(runtime, "/v2/models/adder/versions/1/infer", x(name="z"))
+    call(runtime, "/v2/models/made-up-name/versions/7/infer", x())
+    after = [metric(runtime, "mlmesh_runtime_requests_total", **labels) for labels in (ok, bad, unknown)]
+    assert [later - earlier for earlier, later in zip(before, after, strict=True)] == [2, 1, 1]
+    assert metric(runtime, "mlmesh_runtime_request_seconds_count", model="adder", version="1", protocol="rest") >= 3
