@@ -57,9 +57,25 @@ def stream_config() -> StreamConfig:
     )
 
 
-async def ensure_stream(jetstream: JetStreamContext) -> None:
-    """Create the events stream, or bring an existing one to our configuration."""
-    config = stream_config()
+CAPTURE_STREAM = "MLMESH_CAPTURE"
+CAPTURE_SUBJECT_PREFIX = "mlmesh.capture."
+
+
+def capture_stream_config(max_age_seconds: float, max_bytes: int) -> StreamConfig:
+    """Captured inference records: `mlmesh.capture.<endpoint>.<deployment>`, bounded by age and
+    size (the oldest messages go first)."""
+    return StreamConfig(
+        name=CAPTURE_STREAM,
+        subjects=[f"{CAPTURE_SUBJECT_PREFIX}>"],
+        storage=StorageType.FILE,
+        max_age=max_age_seconds,
+        max_bytes=max_bytes,
+    )
+
+
+async def ensure_stream(jetstream: JetStreamContext, config: StreamConfig | None = None) -> None:
+    """Create a stream (by default the events stream), or bring an existing one to `config`."""
+    config = config or stream_config()
     try:
         await jetstream.add_stream(config)
     except BadRequestError:

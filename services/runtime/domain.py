@@ -6,9 +6,13 @@ into `Tensor`s and back, and nothing here knows about gRPC.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import math
 import struct
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -321,6 +325,80 @@ def _version_order(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (1 << 62, version)
 
 
+# ---------------------------------------------------------------- capture
+
+
+class CaptureQueue:
+    """Requests and answers waiting to be sent to the capture stream. `offer` never waits and
+    never fails: when the queue is full the row is dropped and counted."""
+
+    def __init__(self, capacity: int, batch_rows: int, metrics: Metrics) -> None:
+        self.capacity = capacity
+        self.batch_rows = batch_rows
+        self.metrics = metrics
+        self._rows: deque[dict[str, Any]] = deque()
+        self._some = asyncio.Event()
+        self._batch = asyncio.Event()
+
+    def offer(self, model: LoadedModel, request_id: str, inputs: Iterable[Tensor], outputs: Iterable[Tensor]) -> None:
+        if len(self._rows) >= self.capacity:
+            self.metrics.capture_rows.labels("dropped").inc()
+            return
+        self._rows.append(
+            {
+                "id": request_id,
+                "model": model.name,
+                "version": model.version,
+                "time": time.time(),
+                "inputs": list(inputs),
+                "outputs": list(outputs),
+            }
+        )
+        self._some.set()
+        if len(self._rows) >= self.batch_rows:
+            self._batch.set()
+
+    async def next_batch(self, wait_seconds: float) -> list[dict[str, Any]]:
+        """Up to `batch_rows` rows, once there are that many or the first has waited `wait_seconds`."""
+        await self._some.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._batch.wait(), wait_seconds)
+        batch = [self._rows.popleft() for _ in range(min(self.batch_rows, len(self._rows)))]
+        if len(self._rows) < self.batch_rows:
+            self._batch.clear()
+        if not self._rows:
+            self._some.clear()
+        return batch
+
+    def lost(self, rows: int) -> None:
+        """Rows that could not be sent (NATS away): dropped and counted."""
+        self.metrics.capture_rows.labels("dropped").inc(rows)
+
+    def sent(self, rows: int) -> None:
+        self.metrics.capture_rows.labels("published").inc(rows)
+
+
+def capture_message(rows: list[dict[str, Any]]) -> bytes:
+    """One capture message: `{"rows": [{id, model, version, time, inputs, outputs}]}`, each tensor
+    as `{name, datatype, shape, data}` with data flattened row-major (BYTES as text)."""
+
+    def tensor(item: Tensor) -> dict[str, Any]:
+        if item.datatype == "BYTES":
+            data = [e.decode(errors="replace") if isinstance(e, bytes) else str(e) for e in item.array.reshape(-1)]
+        else:
+            data = item.array.reshape(-1).tolist()
+        return {"name": item.name, "datatype": item.datatype, "shape": list(item.shape), "data": data}
+
+    return json.dumps(
+        {
+            "rows": [
+                {**row, "inputs": [tensor(t) for t in row["inputs"]], "outputs": [tensor(t) for t in row["outputs"]]}
+                for row in rows
+            ]
+        }
+    ).encode()
+
+
 # ---------------------------------------------------------------- metrics
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -344,6 +422,12 @@ class Metrics:
             "Time from a request's arrival to its answer.",
             ["model", "version", "protocol"],
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.capture_rows = Counter(
+            "mlmesh_runtime_capture_rows",
+            "Captured requests, published to MLMESH_CAPTURE or dropped (queue full, NATS away).",
+            ["outcome"],
             registry=self.registry,
         )
 

@@ -4,6 +4,7 @@ Inference Protocol, gRPC and REST, in one process."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import tempfile
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from services._proto.inference import open_inference_pb2, open_inference_pb2_grpc
 from services.client import RegistryClient
+from services.common import bus
 from services.common.server import ServiceRuntime, run_service, service_runtime
 from services.runtime import domain, rest
 from services.runtime.servicer import InferenceServicer
@@ -56,7 +58,14 @@ def load_models(settings: RuntimeSettings) -> domain.ModelStore:
 def build(settings: RuntimeSettings) -> ServiceRuntime:
     store = load_models(settings)
     metrics = domain.Metrics(store)
-    app = rest.build_app(store, metrics, settings.max_elements, settings.max_message_bytes, domain.server_version())
+    capture = None
+    background = []
+    if settings.capture:
+        if not settings.nats_url:
+            raise SystemExit("MLMESH_RUNTIME_CAPTURE needs MLMESH_NATS_URL: captured requests go to NATS JetStream")
+        capture = domain.CaptureQueue(settings.capture_queue_rows, settings.capture_batch_rows, metrics)
+        background.append(functools.partial(publish_captures, settings, capture))
+    app = rest.build_app(store, metrics, settings.max_elements, settings.max_message_bytes, capture)
 
     async def serve_http() -> None:
         runner = web.AppRunner(app, access_log=None)
@@ -68,9 +77,32 @@ def build(settings: RuntimeSettings) -> ServiceRuntime:
         finally:
             await runner.cleanup()
 
-    servicer = InferenceServicer(store, metrics, settings.max_elements)
+    servicer = InferenceServicer(store, metrics, settings.max_elements, capture)
     registration = (open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE_NAME)
-    return service_runtime("runtime", settings, [registration], background=[serve_http])
+    return service_runtime("runtime", settings, [registration], background=[serve_http, *background])
+
+
+async def publish_captures(settings: RuntimeSettings, capture: domain.CaptureQueue) -> None:
+    """Send captured requests in batches to `mlmesh.capture.<endpoint>.<deployment>`. Until NATS
+    first answers they wait in the queue (what does not fit is dropped and counted); a batch that
+    NATS does not take later is dropped and counted too. Requests never wait for any of it."""
+    assert settings.nats_url
+    subject = f"{bus.CAPTURE_SUBJECT_PREFIX}{settings.endpoint}.{settings.deployment}"
+    connection = await bus.connect_with_retry(settings.nats_url, name=f"runtime-capture-{settings.deployment}")
+    try:
+        jetstream = connection.jetstream(timeout=5)
+        config = bus.capture_stream_config(settings.capture_max_age_seconds, settings.capture_max_bytes)
+        await bus.ensure_stream(jetstream, config)
+        while True:
+            batch = await capture.next_batch(settings.capture_flush_seconds)
+            try:
+                await jetstream.publish(subject, domain.capture_message(batch))
+                capture.sent(len(batch))
+            except Exception as error:
+                capture.lost(len(batch))
+                log.warning("capture: %d rows dropped, NATS did not take them: %s", len(batch), error)
+    finally:
+        await connection.close()
 
 
 def build_server(settings: RuntimeSettings) -> object:

@@ -23,7 +23,11 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 def build_app(
-    store: domain.ModelStore, metrics: domain.Metrics, max_elements: int, max_body_bytes: int, server_version: str
+    store: domain.ModelStore,
+    metrics: domain.Metrics,
+    max_elements: int,
+    max_body_bytes: int,
+    capture: domain.CaptureQueue | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors])
     routes = web.RouteTableDef()
@@ -44,7 +48,7 @@ def build_app(
     @routes.get("/v2")
     async def server_metadata(_: web.Request) -> web.Response:
         return web.json_response(
-            {"name": "mlmesh-runtime", "version": server_version, "extensions": ["binary_tensor_data"]}
+            {"name": "mlmesh-runtime", "version": domain.server_version(), "extensions": ["binary_tensor_data"]}
         )
 
     @routes.get("/v2/models/{model}/ready")
@@ -83,8 +87,12 @@ def build_app(
             if not isinstance(outputs_wanted, list) or not all(isinstance(o, dict) for o in outputs_wanted):
                 raise InvalidArgument("outputs must be a list of objects with a name", field="outputs")
             names = [str(output.get("name", "")) for output in outputs_wanted]
-            outputs = await asyncio.to_thread(model.infer, model.check(tensors), names)
-            return _answer(model, header.get("id"), outputs, _wants_binary(header, outputs_wanted))
+            inputs = model.check(tensors)
+            outputs = await asyncio.to_thread(model.infer, inputs, names)
+            request_id = header.get("id")
+            if capture:
+                capture.offer(model, str(request_id or ""), inputs.values(), outputs)
+            return _answer(model, request_id, outputs, _wants_binary(header, outputs_wanted))
 
     app.add_routes(routes)
     return app

@@ -67,10 +67,17 @@ def response_for(model: domain.LoadedModel, request_id: str, outputs: list[domai
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, store: domain.ModelStore, metrics: domain.Metrics, max_elements: int) -> None:
+    def __init__(
+        self,
+        store: domain.ModelStore,
+        metrics: domain.Metrics,
+        max_elements: int,
+        capture: domain.CaptureQueue | None = None,
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self.max_elements = max_elements
+        self.capture = capture
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return oip.ServerLiveResponse(live=True)
@@ -108,4 +115,6 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             inputs = model.check(tensors_from_request(request, self.max_elements))
             requested = [output.name for output in request.outputs]
             outputs = await asyncio.to_thread(model.infer, inputs, requested)  # onnxruntime releases the GIL
+            if self.capture:
+                self.capture.offer(model, request.id, inputs.values(), outputs)
             return response_for(model, request.id, outputs, raw=bool(request.raw_input_contents))

@@ -40,6 +40,30 @@ class RuntimeSettings(ServiceSettings):
     max_elements: int = Field(default=16 * 1024 * 1024, ge=1)
     """Most elements one input tensor may hold; more answers RESOURCE_EXHAUSTED."""
 
+    capture: bool = False
+    """Send every request's inputs and outputs to stream MLMESH_CAPTURE (needs MLMESH_NATS_URL)."""
+
+    endpoint: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]{1,100}$")
+    """The endpoint this runtime serves; names its capture subject."""
+
+    deployment: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]{1,100}$")
+    """The deployment this runtime is; names its capture subject."""
+
+    capture_queue_rows: int = Field(default=10_000, ge=1)
+    """Captured requests waiting to be sent at most; more are dropped (and counted), never waited for."""
+
+    capture_batch_rows: int = Field(default=256, ge=1)
+    """Captured requests sent in one message at most."""
+
+    capture_flush_seconds: float = Field(default=0.2, gt=0)
+    """Longest a captured request waits for its batch to fill."""
+
+    capture_max_age_seconds: float = Field(default=7 * 24 * 3600, gt=0)
+    """How long MLMESH_CAPTURE keeps messages (set when the runtime creates the stream)."""
+
+    capture_max_bytes: int = Field(default=1024**3, ge=1024 * 1024)
+    """Largest size of MLMESH_CAPTURE (set when the runtime creates the stream); the oldest go first."""
+
     def model_refs(self) -> list[str]:
         return [ref.strip() for ref in self.models.split(",") if ref.strip()]
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -28,22 +30,29 @@ class RuntimeProcess:
     """host:port of the OIP REST API."""
 
 
-@pytest.fixture(scope="module")
-def runtime(registry_process: RegistryProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeProcess]:
-    """`python -m services.runtime` serving adder:1 (y = x + 1 over [batch, 3] floats)."""
-    home = tmp_path_factory.mktemp("runtime-home")
+def register_adder(registry: RegistryProcess, home: Path) -> str:
+    """adder (y = x + 1 over [batch, 3] floats) registered as a new version; its ref."""
     (home / "model.onnx").write_bytes(tiny_onnx())
-    with RegistryClient(registry_process.address) as client:
+    with RegistryClient(registry.address) as client:
         version = client.register_model("adder", [home / "model.onnx"], framework="onnx")
+    return f"adder:{version.version}"
+
+
+@contextlib.contextmanager
+def spawn_runtime(home: Path, registry: RegistryProcess, models: str, **settings: str) -> Iterator[RuntimeProcess]:
+    """`python -m services.runtime` serving `models`; `settings` become MLMESH_RUNTIME_<NAME> variables."""
     port, http_port = natsserver.free_port(), natsserver.free_port()
     environment = {
         **clean_environment(),
         "MLMESH_HOME": str(home),
         "MLMESH_RUNTIME_PORT": str(port),
         "MLMESH_RUNTIME_HTTP_PORT": str(http_port),
-        "MLMESH_RUNTIME_MODELS": f"adder:{version.version}",
-        "MLMESH_RUNTIME_REGISTRY_ADDRESS": registry_process.address,
+        "MLMESH_RUNTIME_MODELS": models,
+        "MLMESH_RUNTIME_REGISTRY_ADDRESS": registry.address,
+        **{f"MLMESH_RUNTIME_{name.upper()}": value for name, value in settings.items() if name != "nats_url"},
     }
+    if "nats_url" in settings:
+        environment["MLMESH_NATS_URL"] = settings["nats_url"]
     with (home / "runtime.log").open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "services.runtime"], cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
@@ -60,6 +69,14 @@ def runtime(registry_process: RegistryProcess, tmp_path_factory: pytest.TempPath
     finally:
         process.terminate()
         process.wait(20)
+
+
+@pytest.fixture(scope="module")
+def runtime(registry_process: RegistryProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeProcess]:
+    """A runtime serving adder."""
+    home = tmp_path_factory.mktemp("runtime-home")
+    with spawn_runtime(home, registry_process, register_adder(registry_process, home)) as running:
+        yield running
 
 
 def _answers(http: str) -> bool:
