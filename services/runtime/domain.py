@@ -211,6 +211,7 @@ class LoadedModel:
     signature: Signature
     session: Any
     onnx_outputs: list[str] = field(default_factory=list)
+    batcher: Batcher | None = None
 
     def check(self, tensors: Iterable[Tensor]) -> dict[str, Tensor]:
         """The inputs by name, each matching the signature; otherwise INVALID_ARGUMENT saying what was expected."""
@@ -258,6 +259,124 @@ class LoadedModel:
         except Exception as error:  # onnxruntime refuses values the signature could not rule out
             raise InvalidArgument(f"model {self.name} could not run on these inputs: {error}") from error
         return [output_tensor(name, np.asarray(result)) for name, result in zip(names, results, strict=True)]
+
+
+async def run(model: LoadedModel, inputs: dict[str, Tensor], requested: Sequence[str] = ()) -> list[Tensor]:
+    """Infer off the event loop (onnxruntime releases the GIL), through the model's batcher if it has one."""
+    if model.batcher is not None:
+        return await model.batcher.infer(inputs, requested)
+    return await asyncio.to_thread(model.infer, inputs, requested)
+
+
+class Batcher:
+    """Adaptive batching: requests that reach one model within `max_wait_seconds` of each other
+    are run as one onnxruntime call of at most `max_rows` rows, stacked on the first axis, and the
+    answers are split back. Only for models whose every input has a variable first dimension;
+    requests are merged only with others of the same outputs and the same other dimensions."""
+
+    def __init__(self, model: LoadedModel, max_rows: int, max_wait_seconds: float) -> None:
+        self.model = model
+        self.max_rows = max_rows
+        self.max_wait_seconds = max_wait_seconds
+        self.calls = 0
+        """onnxruntime calls made so far (merged ones count once)."""
+        self._pending: list[tuple[tuple[Any, ...], dict[str, Tensor], tuple[str, ...], asyncio.Future[Any]]] = []
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def suits(model: LoadedModel) -> bool:
+        return all(spec.shape and spec.shape[0] == -1 for spec in model.signature.inputs)
+
+    async def infer(self, inputs: dict[str, Tensor], requested: Sequence[str]) -> list[Tensor]:
+        rows = {tensor.shape[0] for tensor in inputs.values()}
+        if len(rows) != 1 or next(iter(rows)) > self.max_rows:
+            self.calls += 1
+            return await asyncio.to_thread(self.model.infer, inputs, requested)
+        key = (tuple(requested), tuple(sorted((n, t.datatype, t.shape[1:]) for n, t in inputs.items())))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((key, inputs, tuple(requested), future))
+        self._arrived.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run_batches())
+        return await future
+
+    async def _run_batches(self) -> None:
+        while True:
+            while not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = time.monotonic() + self.max_wait_seconds
+            while sum(next(iter(item[1].values())).shape[0] for item in self._pending) < self.max_rows:
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), max(0.0, deadline - time.monotonic()))
+                if time.monotonic() >= deadline:
+                    break
+            batch, rows = self._take()
+            await self._run(batch, rows)
+
+    def _take(self) -> tuple[list[Any], int]:
+        """The oldest request and those after it with the same key, up to max_rows rows."""
+        key = self._pending[0][0]
+        batch, rest, rows = [], [], 0
+        for item in self._pending:
+            size = next(iter(item[1].values())).shape[0]
+            if item[0] == key and rows + size <= self.max_rows:
+                batch.append(item)
+                rows += size
+            else:
+                rest.append(item)
+        self._pending = rest
+        return batch, rows
+
+    async def _run(self, batch: list[Any], rows: int) -> None:
+        requested = batch[0][2]
+        if len(batch) == 1:
+            merged = batch[0][1]
+        else:
+            merged = {
+                name: Tensor(
+                    name,
+                    tensor.datatype,
+                    (rows, *tensor.shape[1:]),
+                    np.concatenate([item[1][name].array for item in batch]),
+                )
+                for name, tensor in batch[0][1].items()
+            }
+        self.calls += 1
+        try:
+            outputs = await asyncio.to_thread(self.model.infer, merged, requested)
+            if len(batch) > 1 and any(not o.shape or o.shape[0] != rows for o in outputs):
+                raise ValueError("an output does not have one row per input row")
+        except Exception as error:
+            if len(batch) == 1:
+                _settle(batch[0][3], error=error)
+                return
+            for item in batch:  # run them one by one, so that each gets its own answer or error
+                self.calls += 1
+                try:
+                    _settle(item[3], await asyncio.to_thread(self.model.infer, item[1], requested))
+                except Exception as own:
+                    _settle(item[3], error=own)
+            return
+        start = 0
+        for item in batch:
+            size = next(iter(item[1].values())).shape[0]
+            _settle(
+                item[3],
+                [Tensor(o.name, o.datatype, (size, *o.shape[1:]), o.array[start : start + size]) for o in outputs],
+            )
+            start += size
+
+
+def _settle(future: asyncio.Future[Any], result: Any = None, *, error: BaseException | None = None) -> None:
+    if future.done():  # the caller went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _feed(tensor: Tensor) -> np.ndarray:

@@ -50,7 +50,10 @@ def load_models(settings: RuntimeSettings) -> domain.ModelStore:
                 inputs=[domain.TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in version.signature.inputs],
                 outputs=[domain.TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in version.signature.outputs],
             )
-            store.add(domain.load_model(version.name, str(version.version), target, signature, threads))
+            model = domain.load_model(version.name, str(version.version), target, signature, threads)
+            if settings.max_batch_rows and domain.Batcher.suits(model):
+                model.batcher = domain.Batcher(model, settings.max_batch_rows, settings.max_batch_wait_ms / 1000)
+            store.add(model)
             log.info("serving %s:%s (%s)", version.name, version.version, ref)
     return store
 

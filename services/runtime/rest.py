@@ -7,7 +7,6 @@ input's `parameters.binary_data_size` says how many of those bytes are its raw c
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -88,7 +87,7 @@ def build_app(
                 raise InvalidArgument("outputs must be a list of objects with a name", field="outputs")
             names = [str(output.get("name", "")) for output in outputs_wanted]
             inputs = model.check(tensors)
-            outputs = await asyncio.to_thread(model.infer, inputs, names)
+            outputs = await domain.run(model, inputs, names)
             request_id = header.get("id")
             if capture:
                 capture.offer(model, str(request_id or ""), inputs.values(), outputs)

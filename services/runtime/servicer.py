@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import grpc
@@ -114,7 +113,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             model = self.store.get(request.model_name, request.model_version)
             inputs = model.check(tensors_from_request(request, self.max_elements))
             requested = [output.name for output in request.outputs]
-            outputs = await asyncio.to_thread(model.infer, inputs, requested)  # onnxruntime releases the GIL
+            outputs = await domain.run(model, inputs, requested)
             if self.capture:
                 self.capture.offer(model, request.id, inputs.values(), outputs)
             return response_for(model, request.id, outputs, raw=bool(request.raw_input_contents))

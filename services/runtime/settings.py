@@ -40,6 +40,13 @@ class RuntimeSettings(ServiceSettings):
     max_elements: int = Field(default=16 * 1024 * 1024, ge=1)
     """Most elements one input tensor may hold; more answers RESOURCE_EXHAUSTED."""
 
+    max_batch_rows: int = Field(default=0, ge=0)
+    """Adaptive batching: requests arriving together are run as one onnxruntime call of at most
+    this many rows (0: off). Only models whose inputs all have a variable first dimension."""
+
+    max_batch_wait_ms: float = Field(default=2.0, ge=0)
+    """Adaptive batching: how long the first request of a batch waits for others."""
+
     capture: bool = False
     """Send every request's inputs and outputs to stream MLMESH_CAPTURE (needs MLMESH_NATS_URL)."""
 

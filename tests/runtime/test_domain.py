@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import numpy as np
@@ -119,3 +120,30 @@ def test_the_store_picks_the_newest_version_and_names_what_it_serves(adder, tmp_
         store.get("other")
     with pytest.raises(NotFound, match="served: 1, 10"):
         store.get("adder", "2")
+
+
+async def test_batching_merges_concurrent_requests_and_gives_each_its_own_rows(adder):
+    adder.batcher = domain.Batcher(adder, max_rows=8, max_wait_seconds=0.05)
+
+    async def one(number: int, rows: int) -> None:
+        values = np.full((rows, 3), number, dtype=np.float32)
+        inputs = adder.check([domain.tensor_from_raw("x", "FP32", [rows, 3], values.tobytes(), LIMIT)])
+        (output,) = await domain.run(adder, inputs)
+        assert output.shape == (rows, 3)
+        np.testing.assert_array_equal(output.array, values + 1)
+
+    await asyncio.gather(*(one(number, 1 + number % 3) for number in range(20)))  # 39 rows in all
+    assert adder.batcher.calls <= 8, adder.batcher.calls
+    calls = adder.batcher.calls
+    await asyncio.gather(one(100, 20))  # more rows than a batch: runs alone
+    assert adder.batcher.calls == calls + 1
+
+
+async def test_batching_keeps_requests_for_different_outputs_apart(adder):
+    adder.batcher = domain.Batcher(adder, max_rows=8, max_wait_seconds=0.02)
+    x = adder.check([domain.tensor_from_values("x", "FP32", [1, 3], [1, 2, 3], LIMIT)])
+    every, named = await asyncio.gather(domain.run(adder, x), domain.run(adder, x, ["y"]))
+    assert every[0].array.tolist() == named[0].array.tolist() == [[2, 3, 4]]
+    assert adder.batcher.calls == 2
+    with pytest.raises(InvalidArgument, match="no output 'nope'"):
+        await domain.run(adder, x, ["nope"])

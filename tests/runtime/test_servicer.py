@@ -4,6 +4,7 @@ client (tritonclient) and by OIP messages built by hand, well-formed and hostile
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -16,7 +17,7 @@ from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.runtime.conftest import RuntimeProcess
+from tests.runtime.conftest import RuntimeProcess, register_adder, spawn_runtime
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -108,3 +109,18 @@ def test_bytes_that_are_not_a_request_are_refused(runtime):
         with pytest.raises(grpc.RpcError) as caught:
             call(b"\xff\xff\xff\xff")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_with_adaptive_batching_concurrent_callers_each_get_their_own_answer(registry_process, tmp_path):
+    ref = register_adder(registry_process, tmp_path)
+    with spawn_runtime(tmp_path, registry_process, ref, max_batch_rows="8", max_batch_wait_ms="5") as running:
+
+        def infer(number: int) -> None:
+            client = triton.InferenceServerClient(url=running.grpc)
+            values = np.full((1 + number % 3, 3), number, dtype=np.float32)
+            tensor = triton.InferInput("x", list(values.shape), "FP32")
+            tensor.set_data_from_numpy(values)
+            np.testing.assert_array_equal(client.infer("adder", [tensor]).as_numpy("y"), values + 1)
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(infer, range(64)))
