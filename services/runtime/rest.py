@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from services.common import telemetry
 from services.common.errors import InvalidArgument, MlmeshError, http_status
 from services.runtime import domain
 
@@ -28,7 +30,7 @@ def build_app(
     max_body_bytes: int,
     capture: domain.CaptureQueue | None = None,
 ) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors])
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[_traced, _errors])
     routes = web.RouteTableDef()
 
     @routes.get("/metrics")
@@ -95,6 +97,22 @@ def build_app(
 
     app.add_routes(routes)
     return app
+
+
+@web.middleware
+async def _traced(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
+    """A server span per request, continuing the caller's trace (W3C `traceparent` header)."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "(no route)"  # a template: few span names
+    with telemetry.tracer("mlmesh.runtime").start_as_current_span(
+        f"{request.method} {route}",
+        context=telemetry.extract_context({key.lower(): value for key, value in request.headers.items()}),
+        kind=trace.SpanKind.SERVER,
+        attributes={"http.request.method": request.method, "http.route": route},
+    ) as span:
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        return response
 
 
 @web.middleware

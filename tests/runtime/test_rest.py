@@ -9,7 +9,14 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from aiohttp.test_utils import TestClient, TestServer
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from services.common import telemetry
+from services.runtime import domain, rest
+from tests.registry.test_models import tiny_onnx
 from tests.runtime.conftest import RuntimeProcess
 
 
@@ -128,3 +135,21 @@ def test_metrics_count_requests_by_model_protocol_and_outcome(runtime):
     after = [metric(runtime, "mlmesh_runtime_requests_total", **labels) for labels in (ok, bad, unknown)]
     assert [later - earlier for earlier, later in zip(before, after, strict=True)] == [2, 1, 1]
     assert metric(runtime, "mlmesh_runtime_request_seconds_count", model="adder", version="1", protocol="rest") >= 3
+
+
+async def test_a_rest_request_continues_the_callers_trace(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(tiny_onnx())
+    store = domain.ModelStore()
+    store.add(domain.load_model("adder", "1", tmp_path / "m.onnx", None, (1, 1)))
+    telemetry.setup("runtime-test")
+    exporter = InMemorySpanExporter()
+    trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
+    app = rest.build_app(store, domain.Metrics(store), 1000, 1024 * 1024)
+    caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with TestClient(TestServer(app)) as client:
+        answer = await client.post("/v2/models/adder/infer", json=x(), headers={"Traceparent": caller})
+        assert answer.status == 200
+    (span,) = [span for span in exporter.get_finished_spans() if span.name == "POST /v2/models/{model}/infer"]
+    assert format(span.context.trace_id, "032x") == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert format(span.parent.span_id, "016x") == "00f067aa0ba902b7"
+    assert span.attributes["http.response.status_code"] == 200
