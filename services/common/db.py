@@ -41,9 +41,10 @@ class Database:
     def __init__(self, url: str, tables: Sequence[type[SQLModel]], *, pool_size: int = 8) -> None:
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        on_file = self.is_sqlite and bool(parsed.database) and parsed.database != ":memory:"
         if self.is_sqlite:
-            if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            if on_file:
+                Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_engine(
                 url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size
             )
@@ -63,7 +64,6 @@ class Database:
         self._writer_turn: _WriterTurn | None = None
         self._stopped = threading.Event()
         if self.is_sqlite:
-            on_file = bool(parsed.database) and parsed.database != ":memory:"
             self._writer_turn = _WriterTurn(Path(f"{parsed.database}.writer") if on_file else None)
             if on_file:
                 threading.Thread(

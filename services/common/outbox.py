@@ -212,30 +212,31 @@ class Relay:
             rows = await self._in_relay_thread(self._claim, session)
             if not rows:
                 return 0
-            results = await asyncio.gather(*(self._publish(jetstream, row) for row in rows), return_exceptions=True)
-            sent = [row.id for row, result in zip(rows, results, strict=True) if not isinstance(result, BaseException)]
+            sent, failure = await self._publish_rows(jetstream, rows)
             await self._in_relay_thread(self._mark_sent, session, sent)
-            self.published += len(sent)
-            failed = [result for result in results if isinstance(result, BaseException)]
-            if failed:
-                raise failed[0]
+            if failure:
+                raise failure
             return len(sent)
         finally:
             # Queued behind any database work still running, even when this task was cancelled.
             self._thread.submit(session.close)
 
     async def _publish_all(self, jetstream: Any, rows: list[dict[str, Any]]) -> None:
-        results = await asyncio.gather(
-            *(self._publish(jetstream, SimpleNamespace(**row)) for row in rows), return_exceptions=True
-        )
-        sent = [row["id"] for row, result in zip(rows, results, strict=True) if not isinstance(result, BaseException)]
+        sent, failure = await self._publish_rows(jetstream, [SimpleNamespace(**row) for row in rows])
         if sent and not self._unmarked:
             self._unmarked_since = time.monotonic()
         self._unmarked.extend(sent)
+        if failure:
+            raise failure
+
+    async def _publish_rows(self, jetstream: Any, rows: list[Any]) -> tuple[list[str], BaseException | None]:
+        """Publish rows (id, subject, payload, headers) at once; the ids JetStream acknowledged,
+        and the first failure, if any."""
+        results = await asyncio.gather(*(self._publish(jetstream, row) for row in rows), return_exceptions=True)
+        sent = [row.id for row, result in zip(rows, results, strict=True) if not isinstance(result, BaseException)]
         self.published += len(sent)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        failure = next((result for result in results if isinstance(result, BaseException)), None)
+        return sent, failure
 
     async def _flush_marks(self) -> None:
         if not self._unmarked:

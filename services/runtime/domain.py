@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import struct
@@ -28,6 +29,7 @@ from services.common.errors import InvalidArgument, MlmeshError, NotFound, Resou
 PLATFORM = "onnx_onnxv1"
 
 
+@functools.cache
 def server_version() -> str:
     """mlmesh's version, as the runtime reports it in server metadata."""
     try:
@@ -52,6 +54,9 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype("<f8"),
     "BYTES": np.dtype(object),
 }
+
+# numpy dtype -> OIP datatype, for outputs (BYTES are told apart by kind).
+_DATATYPE_OF = {dtype: datatype for datatype, dtype in DTYPES.items() if datatype != "BYTES"}
 
 # onnxruntime's type strings -> OIP datatypes.
 ONNX_TYPES = {
@@ -193,9 +198,9 @@ def output_tensor(name: str, array: np.ndarray) -> Tensor:
     """An output of onnxruntime as a tensor with its OIP datatype."""
     if array.dtype == object or array.dtype.kind in "US":
         return Tensor(name, "BYTES", tuple(array.shape), array.astype(object))
-    for datatype, dtype in DTYPES.items():
-        if datatype != "BYTES" and array.dtype == dtype.newbyteorder("="):
-            return Tensor(name, datatype, tuple(array.shape), array)
+    datatype = _DATATYPE_OF.get(array.dtype)
+    if datatype is not None:
+        return Tensor(name, datatype, tuple(array.shape), array)
     raise InvalidArgument(f"output {name!r} has numpy type {array.dtype}, which the protocol cannot carry")
 
 
@@ -268,6 +273,18 @@ async def run(model: LoadedModel, inputs: dict[str, Tensor], requested: Sequence
     return await asyncio.to_thread(model.infer, inputs, requested)
 
 
+@dataclass
+class _Waiting:
+    """A request waiting in a batcher."""
+
+    key: tuple[Any, ...]
+    """What must match to share a call: requested outputs, and each input's name, type and other dimensions."""
+    inputs: dict[str, Tensor]
+    requested: tuple[str, ...]
+    rows: int
+    answer: asyncio.Future[list[Tensor]]
+
+
 class Batcher:
     """Adaptive batching: requests that reach one model within `max_wait_seconds` of each other
     are run as one onnxruntime call of at most `max_rows` rows, stacked on the first axis, and the
@@ -280,7 +297,8 @@ class Batcher:
         self.max_wait_seconds = max_wait_seconds
         self.calls = 0
         """onnxruntime calls made so far (merged ones count once)."""
-        self._pending: list[tuple[tuple[Any, ...], dict[str, Tensor], tuple[str, ...], asyncio.Future[Any]]] = []
+        self._pending: list[_Waiting] = []
+        self._pending_rows = 0
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
 
@@ -294,12 +312,13 @@ class Batcher:
             self.calls += 1
             return await asyncio.to_thread(self.model.infer, inputs, requested)
         key = (tuple(requested), tuple(sorted((n, t.datatype, t.shape[1:]) for n, t in inputs.items())))
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((key, inputs, tuple(requested), future))
+        waiting = _Waiting(key, inputs, tuple(requested), rows.pop(), asyncio.get_running_loop().create_future())
+        self._pending.append(waiting)
+        self._pending_rows += waiting.rows
         self._arrived.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run_batches())
-        return await future
+        return await waiting.answer
 
     async def _run_batches(self) -> None:
         while True:
@@ -307,7 +326,7 @@ class Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             deadline = time.monotonic() + self.max_wait_seconds
-            while sum(next(iter(item[1].values())).shape[0] for item in self._pending) < self.max_rows:
+            while self._pending_rows < self.max_rows:
                 self._arrived.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), max(0.0, deadline - time.monotonic()))
@@ -316,33 +335,33 @@ class Batcher:
             batch, rows = self._take()
             await self._run(batch, rows)
 
-    def _take(self) -> tuple[list[Any], int]:
+    def _take(self) -> tuple[list[_Waiting], int]:
         """The oldest request and those after it with the same key, up to max_rows rows."""
-        key = self._pending[0][0]
+        key = self._pending[0].key
         batch, rest, rows = [], [], 0
-        for item in self._pending:
-            size = next(iter(item[1].values())).shape[0]
-            if item[0] == key and rows + size <= self.max_rows:
-                batch.append(item)
-                rows += size
+        for waiting in self._pending:
+            if waiting.key == key and rows + waiting.rows <= self.max_rows:
+                batch.append(waiting)
+                rows += waiting.rows
             else:
-                rest.append(item)
+                rest.append(waiting)
         self._pending = rest
+        self._pending_rows -= rows
         return batch, rows
 
-    async def _run(self, batch: list[Any], rows: int) -> None:
-        requested = batch[0][2]
+    async def _run(self, batch: list[_Waiting], rows: int) -> None:
+        requested = batch[0].requested
         if len(batch) == 1:
-            merged = batch[0][1]
+            merged = batch[0].inputs
         else:
             merged = {
                 name: Tensor(
                     name,
                     tensor.datatype,
                     (rows, *tensor.shape[1:]),
-                    np.concatenate([item[1][name].array for item in batch]),
+                    np.concatenate([waiting.inputs[name].array for waiting in batch]),
                 )
-                for name, tensor in batch[0][1].items()
+                for name, tensor in batch[0].inputs.items()
             }
         self.calls += 1
         try:
@@ -351,23 +370,23 @@ class Batcher:
                 raise ValueError("an output does not have one row per input row")
         except Exception as error:
             if len(batch) == 1:
-                _settle(batch[0][3], error=error)
+                _settle(batch[0].answer, error=error)
                 return
-            for item in batch:  # run them one by one, so that each gets its own answer or error
+            for waiting in batch:  # run them one by one, so that each gets its own answer or error
                 self.calls += 1
                 try:
-                    _settle(item[3], await asyncio.to_thread(self.model.infer, item[1], requested))
+                    _settle(waiting.answer, await asyncio.to_thread(self.model.infer, waiting.inputs, requested))
                 except Exception as own:
-                    _settle(item[3], error=own)
+                    _settle(waiting.answer, error=own)
             return
         start = 0
-        for item in batch:
-            size = next(iter(item[1].values())).shape[0]
+        for waiting in batch:
+            end = start + waiting.rows
             _settle(
-                item[3],
-                [Tensor(o.name, o.datatype, (size, *o.shape[1:]), o.array[start : start + size]) for o in outputs],
+                waiting.answer,
+                [Tensor(o.name, o.datatype, (waiting.rows, *o.shape[1:]), o.array[start:end]) for o in outputs],
             )
-            start += size
+            start = end
 
 
 def _settle(future: asyncio.Future[Any], result: Any = None, *, error: BaseException | None = None) -> None:
@@ -413,15 +432,25 @@ class ModelStore:
 
     def __init__(self) -> None:
         self._models: dict[str, dict[str, LoadedModel]] = {}
+        self._versions: dict[str, list[str]] = {}
+        """Each name's versions, oldest first, kept sorted as models are added (read on every request)."""
 
     def add(self, model: LoadedModel) -> None:
-        self._models.setdefault(model.name, {})[model.version] = model
+        versions = self._models.setdefault(model.name, {})
+        versions[model.version] = model
+        self._versions[model.name] = sorted(versions, key=_version_order)
 
     def names(self) -> list[str]:
         return sorted(self._models)
 
     def versions(self, name: str) -> list[str]:
-        return sorted(self._models.get(name, {}), key=_version_order)
+        """The versions of `name` served, oldest first (do not change the list)."""
+        return self._versions.get(name, [])
+
+    def serves(self, name: str, version: str = "") -> bool:
+        """Whether `name` (at `version`, when given) is served here."""
+        versions = self._models.get(name)
+        return versions is not None and (not version or version in versions)
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         """The model `name` at `version`; an empty version picks the newest served."""
@@ -430,7 +459,7 @@ class ModelStore:
             served = ", ".join(self.names()) or "none"
             raise NotFound(f"model {name[:200]!r} is not served here (served: {served})", reason="MODEL_NOT_FOUND")
         if not version:
-            return versions[self.versions(name)[-1]]
+            return versions[self._versions[name][-1]]
         model = versions.get(version)
         if model is None:
             raise NotFound(
@@ -565,10 +594,9 @@ class Metrics:
             raise
         finally:
             model, served = ("unknown", "unknown")
-            if name in self.store.names():
+            if self.store.serves(name):
                 model = name
-                versions = self.store.versions(name)
-                served = version if version in versions else ("newest" if not version else "unknown")
+                served = "newest" if not version else (version if self.store.serves(name, version) else "unknown")
             self.requests.labels(model, served, protocol, code).inc()
             self.latency.labels(model, served, protocol).observe(time.perf_counter() - started)
 
