@@ -23,6 +23,7 @@ from services._proto.mlmesh.v1 import common_pb2, registry_pb2, registry_pb2_grp
 from services.common import bus, events, natsserver
 from services.common.bus import ParkedEvent, ProcessedEvent
 from services.common.db import Database
+from services.common.outbox import OutboxEvent, pending_count
 from tests.common.test_outbox import wait_until
 from tests.conftest import spawn_registry
 from tests.registry.uploads import model_upload
@@ -38,6 +39,27 @@ def stop(process) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         process.wait(20)
+
+
+async def outage_report(home: Path, nats_url: str, received: Counter[int]) -> str:
+    """Where the events that did not arrive are: still in the outbox, in the stream, or with the consumer."""
+    registry = Database(f"sqlite:///{home / 'registry.db'}", [OutboxEvent])
+    connection = await nats.connect(nats_url)
+    try:
+        jetstream = connection.jetstream()
+        stream = await jetstream.stream_info(events.STREAM)
+        consumer = await jetstream.consumer_info(events.STREAM, "outage-test")
+    finally:
+        await connection.close()
+    missing = sorted(set(range(1, 1001)) - set(received))
+    log_lines = (home / "registry.log").read_text(errors="replace").splitlines()
+    warnings = [line for line in log_lines if "WARNING" in line or "ERROR" in line][-20:]
+    return (
+        f"{len(received)} of 1000 events arrived (missing {missing[:10]}...); "
+        f"outbox pending: {pending_count(registry)}; stream messages: {stream.state.messages}; "
+        f"consumer pending {consumer.num_pending}, ack pending {consumer.num_ack_pending}, "
+        f"redelivered {consumer.num_redelivered}\nregistry log:\n" + "\n".join(warnings)
+    )
 
 
 async def test_events_registered_while_nats_is_down_all_arrive_once_after_it_returns(tmp_path, nats_server):
@@ -63,7 +85,10 @@ async def test_events_registered_while_nats_is_down_all_arrive_once_after_it_ret
         )
         await broker.start()
         try:
-            await wait_until(lambda: len(received) == 1000, timeout=90)
+            try:
+                await wait_until(lambda: len(received) == 1000, timeout=90)
+            except TimeoutError:
+                pytest.fail(await outage_report(tmp_path / "home", nats_server.url, received))
             await asyncio.sleep(1)
         finally:
             await broker.stop()
