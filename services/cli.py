@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import json
 import re
 import signal
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from importlib import metadata as package_metadata
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from google.protobuf.json_format import MessageToDict
@@ -35,12 +40,13 @@ from rich.progress import (
 from rich.table import Table
 
 from services import launcher
-from services._proto.mlmesh.v1 import registry_pb2
-from services.client import MeshError, RegistryClient
+from services._proto.mlmesh.v1 import deployer_pb2, registry_pb2
+from services.client import DeployerClient, MeshError, RegistryClient
 from services.client import Progress as ProgressCallback
 from services.common import events
 from services.common.settings import MeshSettings
 
+Client = TypeVar("Client", RegistryClient, DeployerClient)
 console = Console(highlight=False)
 error_console = Console(stderr=True, highlight=False)
 
@@ -57,12 +63,16 @@ datasets_app = typer.Typer(help="Register and inspect datasets (CSV or Parquet, 
 runs_app = typer.Typer(help="Record and inspect training runs that model versions point to.")
 audit_app = typer.Typer(help="Read the audit log: who changed what, when and why.")
 events_app = typer.Typer(help="Watch the lifecycle events that the mesh publishes on NATS.")
+batch_app = typer.Typer(help="Score Parquet or CSV files in batch with a model version or an endpoint.")
+deploy_app = typer.Typer(help="Serve model versions at endpoints: deployments, blue/green traffic, logs.")
 app.add_typer(models_app, name="models", no_args_is_help=True)
 models_app.add_typer(alias_app, name="alias", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets", no_args_is_help=True)
 app.add_typer(runs_app, name="runs", no_args_is_help=True)
 app.add_typer(audit_app, name="audit", no_args_is_help=True)
 app.add_typer(events_app, name="events", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy", no_args_is_help=True)
+app.add_typer(batch_app, name="batch", no_args_is_help=True)
 
 
 class CliSettings(MeshSettings):
@@ -70,6 +80,9 @@ class CliSettings(MeshSettings):
 
     registry_address: str = ""
     """host:port of the registry (MLMESH_REGISTRY_ADDRESS); empty means the running local mesh."""
+
+    deployer_address: str = ""
+    """host:port of the deployer (MLMESH_DEPLOYER_ADDRESS); empty means the running local mesh."""
 
 
 AddressOption = Annotated[
@@ -97,32 +110,41 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def registry_address(explicit: str | None) -> str:
-    """--address, else MLMESH_REGISTRY_ADDRESS, else the local mesh's registry, else the default port."""
+def service_address(name: str, explicit: str | None) -> str:
+    """--address, else MLMESH_<NAME>_ADDRESS, else the local mesh's service, else its default port."""
     if explicit:
         return explicit
     settings = CliSettings()
-    if settings.registry_address:
-        return settings.registry_address
+    configured = getattr(settings, f"{name}_address")
+    if configured:
+        return configured
     state = launcher.read_state(settings.home.resolve())
-    if state and "registry" in state.services:
-        return state.services["registry"].address
-    return launcher.default_address("registry")
+    if state and name in state.services:
+        return state.services[name].address
+    return launcher.default_address(name)
 
 
 @contextmanager
-def registry(address: str | None) -> Iterator[RegistryClient]:
-    """A client of the registry; turns failures into a red message and an exit code."""
-    resolved = registry_address(address)
+def connected(name: str, client_type: Callable[..., Client], address: str | None) -> Iterator[Client]:
+    """A client of the service `name`; turns failures into a red message and an exit code."""
+    resolved = service_address(name, address)
     try:
-        with RegistryClient(resolved, CliSettings().actor or None) as client:
+        with client_type(resolved, CliSettings().actor or None) as client:
             yield client
     except MeshError as error:
         if error.unreachable:
-            fail(f"cannot reach the registry at {resolved}; start it with `mlmesh up`", 2)
+            fail(f"cannot reach the {name} at {resolved}; start it with `mlmesh up`", 2)
         fail(error.message)
     except (ValueError, OSError) as error:  # local problems: a missing file, a clashing name
         fail(str(error))
+
+
+def registry(address: str | None) -> contextlib.AbstractContextManager[RegistryClient]:
+    return connected("registry", RegistryClient, address)
+
+
+def deployer(address: str | None) -> contextlib.AbstractContextManager[DeployerClient]:
+    return connected("deployer", DeployerClient, address)
 
 
 def to_dict(message: Message) -> dict[str, Any]:
@@ -997,6 +1019,450 @@ def events_tail(
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
+
+
+# ---------------------------------------------------------------- deploy
+
+DeployerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="host:port of the deployer. Default: MLMESH_DEPLOYER_ADDRESS, else the mesh that `mlmesh up` "
+        "started in MLMESH_HOME, else 127.0.0.1:MLMESH_DEPLOYER_PORT (50054).",
+        show_default=False,
+    ),
+]
+DEPLOY_WAIT_SECONDS = 300
+
+
+def deployment_status(status: int) -> str:
+    return deployer_pb2.DeploymentStatus.Name(status).removeprefix("DEPLOYMENT_STATUS_")
+
+
+def endpoint_dict(endpoint: deployer_pb2.Endpoint) -> dict[str, Any]:
+    """An endpoint as JSON: the proto's fields, plus each deployment's `model`, `version` and
+    a short `status`."""
+    data = to_dict(endpoint)
+    for deployment, proto in zip(data["deployments"], endpoint.deployments, strict=True):
+        deployment["model"] = proto.model_name
+        deployment["version"] = proto.model_version
+        deployment["status"] = deployment_status(proto.status)
+        for replica, state in zip(deployment["replica_states"], proto.replica_states, strict=True):
+            replica["status"] = deployer_pb2.ReplicaStatus.Name(state.status).removeprefix("REPLICA_STATUS_")
+    return data
+
+
+def show_endpoint(endpoint: deployer_pb2.Endpoint) -> None:
+    console.print(f"[bold]{escape(endpoint.name)}[/bold]  grpc {endpoint.grpc_address}  http {endpoint.http_address}")
+    table = new_table("deployment", "model", "status", "traffic", "mirror", "target", "cpus", "memory", "replicas")
+    for deployment in endpoint.deployments:
+        ready = sum(r.status == deployer_pb2.REPLICA_STATUS_READY for r in deployment.replica_states)
+        table.add_row(
+            escape(deployment.name),
+            escape(f"{deployment.model_name}:{deployment.model_version}"),
+            deployment_status(deployment.status),
+            f"{deployment.traffic}%",
+            f"{deployment.mirror}%" if deployment.mirror else "-",
+            deployment.target,
+            f"{deployment.resources.cpus:g}" if deployment.resources.cpus else "-",
+            f"{deployment.resources.memory_mb} MiB" if deployment.resources.memory_mb else "-",
+            f"{ready}/{deployment.replicas}",
+        )
+    console.print(table)
+    for deployment in endpoint.deployments:
+        if deployment.message:
+            console.print(f"{escape(deployment.name)}: {escape(deployment.message)}")
+
+
+def parse_percentages(values: list[str] | None, option: str) -> dict[str, int]:
+    result = {}
+    for name, value in parse_pairs(values, option).items():
+        if not value.isdigit():
+            fail(f"{option} {name}={value}: give a whole percentage, e.g. {name}=10", 2)
+        result[name] = int(value)
+    return result
+
+
+@deploy_app.command("create")
+def deploy_create(
+    endpoint: Annotated[str, typer.Argument(help="Endpoint name (created if new): lowercase letters, digits, '-'.")],
+    model_ref: Annotated[str, typer.Argument(help="name:version, name@alias (resolved now), or name for the latest.")],
+    deployment: Annotated[str, typer.Option("--deployment", help="Deployment name within the endpoint.")] = "blue",
+    target: Annotated[str, typer.Option(help="local (processes here), docker or kubernetes.")] = "local",
+    traffic: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=100, help="Percent of traffic. Default: 100 for a new endpoint, else 0.", show_default=False
+        ),
+    ] = None,
+    cpus: Annotated[float, typer.Option(min=0, help="CPU cores per replica (0: no limit).")] = 0,
+    memory: Annotated[int, typer.Option("--memory", min=0, help="Memory per replica in MiB (0: no limit).")] = 0,
+    replicas: Annotated[int, typer.Option(min=1, help="How many copies serve the deployment.")] = 1,
+    capture: Annotated[bool, typer.Option(help="Capture requests and answers to MLMESH_CAPTURE.")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait until the deployment is ready (or failed).")] = True,
+    address: DeployerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Deploy a model version to an endpoint and wait until it serves."""
+    with deployer(address) as client:
+        client.create(
+            endpoint,
+            model_ref,
+            deployment=deployment,
+            target=target,
+            cpus=cpus,
+            memory_mb=memory,
+            replicas=replicas,
+            traffic=traffic,
+            capture=capture,
+        )
+        result = client.get(endpoint)
+        if wait:
+            result = wait_for_deployment(client, endpoint, deployment, quiet=as_json)
+    if as_json:
+        print_json(endpoint_dict(result))
+    else:
+        show_endpoint(result)
+    state = {d.name: d for d in result.deployments}[deployment]
+    if state.status == deployer_pb2.DEPLOYMENT_STATUS_FAILED:
+        fail(f"{endpoint}/{deployment} failed: {state.message} (see `mlmesh deploy logs {endpoint} {deployment}`)")
+
+
+def wait_for_deployment(client: DeployerClient, endpoint: str, deployment: str, quiet: bool) -> deployer_pb2.Endpoint:
+    settled = (deployer_pb2.DEPLOYMENT_STATUS_READY, deployer_pb2.DEPLOYMENT_STATUS_FAILED)
+    deadline = time.monotonic() + DEPLOY_WAIT_SECONDS
+    with contextlib.ExitStack() as stack:
+        spinner = None if quiet else stack.enter_context(error_console.status(f"deploying {endpoint}/{deployment}"))
+        while True:
+            result = client.get(endpoint)
+            state = {d.name: d for d in result.deployments}[deployment]
+            if state.status in settled or time.monotonic() > deadline:
+                return result
+            if spinner is not None:
+                ready = sum(r.status == deployer_pb2.REPLICA_STATUS_READY for r in state.replica_states)
+                spinner.update(f"deploying {endpoint}/{deployment}: {ready}/{state.replicas} replicas ready")
+            time.sleep(0.3)
+
+
+@deploy_app.command("show")
+def deploy_show(
+    endpoint: Annotated[str, typer.Argument(help="Endpoint name.")],
+    address: DeployerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show an endpoint: its addresses, traffic, and each deployment with its replicas."""
+    with deployer(address) as client:
+        result = client.get(endpoint)
+    if as_json:
+        print_json(endpoint_dict(result))
+    else:
+        show_endpoint(result)
+
+
+@deploy_app.command("list")
+def deploy_list(address: DeployerOption = None, as_json: JsonOption = False) -> None:
+    """List the endpoints with their deployments."""
+    with deployer(address) as client:
+        endpoints = client.list()
+    if as_json:
+        print_json([endpoint_dict(endpoint) for endpoint in endpoints])
+        return
+    table = new_table("endpoint", "grpc", "http", "deployments")
+    for endpoint in endpoints:
+        deployments = ", ".join(
+            f"{d.name} {d.model_name}:{d.model_version} {d.traffic}% {deployment_status(d.status)}"
+            for d in endpoint.deployments
+        )
+        table.add_row(escape(endpoint.name), endpoint.grpc_address, endpoint.http_address, escape(deployments))
+    console.print(table)
+
+
+@deploy_app.command("traffic")
+def deploy_traffic(
+    endpoint: Annotated[str, typer.Argument(help="Endpoint name.")],
+    weights: Annotated[
+        list[str], typer.Argument(help="deployment=percent pairs summing to 100, e.g. blue=90 green=10.")
+    ],
+    mirror: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--mirror", help="deployment=percent of requests copied to it (answers discarded).", show_default=False
+        ),
+    ] = None,
+    address: DeployerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Set the traffic weights (and mirror percentages) of an endpoint's deployments at once."""
+    traffic = parse_percentages(weights, "weights")
+    copies = parse_percentages(mirror, "--mirror")
+    with deployer(address) as client:
+        result = client.set_traffic(endpoint, traffic, copies)
+    if as_json:
+        print_json(endpoint_dict(result))
+    else:
+        show_endpoint(result)
+
+
+@deploy_app.command("delete")
+def deploy_delete(
+    endpoint: Annotated[str, typer.Argument(help="Endpoint name.")],
+    deployment: Annotated[
+        str | None, typer.Option("--deployment", help="Delete only this deployment (it must take no traffic).")
+    ] = None,
+    address: DeployerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete an endpoint (or one of its deployments); returns once its replicas have stopped."""
+    with deployer(address) as client:
+        client.delete(endpoint, deployment)
+    if as_json:
+        print_json({"endpoint": endpoint, "deployment": deployment, "deleted": True})
+    else:
+        console.print(f"deleted {escape(endpoint + ('/' + deployment if deployment else ''))}")
+
+
+@deploy_app.command("logs")
+def deploy_logs(
+    endpoint: Annotated[str, typer.Argument(help="Endpoint name.")],
+    deployment: Annotated[str, typer.Argument(help="Deployment name.")] = "blue",
+    replica: Annotated[int, typer.Option(min=0, help="Which replica.")] = 0,
+    lines: Annotated[int, typer.Option(min=1, max=10_000, help="How many lines from the end.")] = 100,
+    address: DeployerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the end of a replica's log."""
+    with deployer(address) as client:
+        found = client.logs(endpoint, deployment, replica, lines)
+    if as_json:
+        print_json({"endpoint": endpoint, "deployment": deployment, "replica": replica, "lines": found})
+    else:
+        for line in found:
+            typer.echo(line)
+
+
+@app.command()
+def predict(
+    endpoint: Annotated[str, typer.Argument(help="Endpoint name.")],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--json",
+            help="Rows as JSON ([[1, 2, 3], ...] for the model's one input, or {input: rows}), or a whole "
+            "Open Inference Protocol request ({\"inputs\": [...]}). '-' reads stdin.",
+            show_default=False,
+        ),
+    ] = None,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="A CSV file of rows (a header row is skipped).", show_default=False)
+    ] = None,
+    version: Annotated[str, typer.Option(help="Pin the model version (default: the traffic weights choose).")] = "",
+    address: DeployerOption = None,
+) -> None:
+    """Send rows to an endpoint over the Open Inference Protocol (REST) and print its JSON answer."""
+    if (data is None) == (csv_file is None):
+        fail("give the rows with exactly one of --json DATA or --csv FILE", 2)
+    with deployer(address) as client:
+        http_address = client.get(endpoint).http_address
+    base = f"http://{http_address}/v2/models/{endpoint}" + (f"/versions/{version}" if version else "")
+    try:
+        metadata = http_json(base, None)
+        body = inference_body(metadata, data, csv_file)
+        answer = http_json(f"{base}/infer", body)
+    except (OSError, ValueError) as error:
+        fail(str(error))
+    print_json(answer)
+
+
+def http_json(url: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    """GET (or POST `body` to) an OIP REST URL; its JSON answer, or its error as ValueError."""
+    request = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="GET" if body is None else "POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, AttributeError):
+            detail = json.loads(detail).get("error", detail)
+        raise ValueError(f"{error.code}: {detail}") from None
+
+
+def inference_body(metadata: dict[str, Any], data: str | None, csv_file: Path | None) -> dict[str, Any]:
+    """An OIP request body from JSON rows, a ready request, or a CSV file."""
+    if csv_file is not None:
+        with csv_file.open(newline="") as handle:
+            rows = [row for row in csv.reader(handle) if row]
+        if rows and not _numeric(rows[0]):
+            rows = rows[1:]
+        parsed: Any = [[float(value) for value in row] for row in rows]
+    else:
+        assert data is not None
+        parsed = json.loads(sys.stdin.read() if data == "-" else data)
+    if isinstance(parsed, dict) and "inputs" in parsed:
+        return parsed
+    inputs = metadata.get("inputs", [])
+    by_name = parsed if isinstance(parsed, dict) else None
+    if by_name is None:
+        if len(inputs) != 1:
+            names = ", ".join(i["name"] for i in inputs)
+            raise ValueError(f"the model has inputs {names}; give rows per input as {{name: rows}}")
+        by_name = {inputs[0]["name"]: parsed}
+    tensors = []
+    for spec in inputs:
+        if spec["name"] not in by_name:
+            raise ValueError(f"no rows for input {spec['name']}")
+        rows = by_name[spec["name"]]
+        shape = [len(rows), *([len(rows[0])] if rows and isinstance(rows[0], list) else [])]
+        flat = [value for row in rows for value in (row if isinstance(row, list) else [row])]
+        tensors.append({"name": spec["name"], "datatype": spec["datatype"], "shape": shape, "data": flat})
+    return {"inputs": tensors}
+
+
+def _numeric(row: list[str]) -> bool:
+    try:
+        [float(value) for value in row]
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- batch
+
+
+def batch_status(status: int) -> str:
+    return deployer_pb2.BatchJobStatus.Name(status).removeprefix("BATCH_JOB_STATUS_")
+
+
+def batch_dict(job: deployer_pb2.BatchJob) -> dict[str, Any]:
+    data = to_dict(job)
+    data["status"] = batch_status(job.status)
+    return data
+
+
+def show_batch(job: deployer_pb2.BatchJob) -> None:
+    scorer = f"{job.model_name}:{job.model_version}" if job.model_name else f"endpoint {job.endpoint}"
+    rows = [
+        ("job", job.id),
+        ("status", batch_status(job.status)),
+        ("scored by", scorer),
+        ("inputs", ", ".join(job.inputs)),
+        ("output", job.output_dir),
+        ("progress", f"{job.parts_done}/{job.parts_total} mini-batches of {job.mini_batch_rows} rows"),
+        ("rows", str(job.rows_total)),
+        ("workers", str(job.workers)),
+        ("created", when(job.created_at)),
+        ("finished", when(job.finished_at)),
+    ]
+    if job.message:
+        rows.append(("message", job.message))
+    sheet = Table.grid(padding=(0, 2))
+    sheet.add_column(style="bold")
+    sheet.add_column()
+    for key, value in rows:
+        sheet.add_row(key, escape(value))
+    console.print(sheet)
+
+
+@batch_app.command("run")
+def batch_run(
+    inputs: Annotated[list[Path], typer.Argument(help="Parquet or CSV files to score (read by the deployer).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="An empty or new folder for the Parquet parts.")],
+    model_ref: Annotated[
+        str, typer.Option("--model", help="name:version or name@alias to score with (in the workers).")
+    ] = "",
+    endpoint: Annotated[str, typer.Option(help="Or: an endpoint to send the rows to.")] = "",
+    mini_batch_rows: Annotated[int, typer.Option(min=1, help="Rows per mini-batch (one output part each).")] = 1000,
+    workers: Annotated[int, typer.Option(min=1, max=32, help="Worker processes.")] = 2,
+    column: Annotated[
+        list[str] | None,
+        typer.Option("--column", help="An input column, in order; repeat. Default: every numeric column."),
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = True,
+    address: DeployerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Score files in batch: mini-batches go through a work queue to worker processes, each
+    writing one Parquet part; a killed worker's mini-batches are redone by the others."""
+    with deployer(address) as client:
+        job = client.create_batch(
+            inputs,
+            output,
+            model_ref=model_ref,
+            endpoint=endpoint,
+            mini_batch_rows=mini_batch_rows,
+            workers=workers,
+            columns=column or [],
+        )
+        if wait:
+            job = follow_batch(client, job.id, quiet=as_json)
+    if as_json:
+        print_json(batch_dict(job))
+    else:
+        show_batch(job)
+    if job.status == deployer_pb2.BATCH_JOB_STATUS_FAILED:
+        fail(f"batch job {job.id} failed: {job.message}")
+
+
+def follow_batch(client: DeployerClient, job_id: str, quiet: bool) -> deployer_pb2.BatchJob:
+    """Poll a job until it ends, with a progress bar of mini-batches on stderr."""
+    ended = (deployer_pb2.BATCH_JOB_STATUS_COMPLETED, deployer_pb2.BATCH_JOB_STATUS_FAILED)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} mini-batches"),
+        TimeRemainingColumn(),
+        console=error_console,
+        transient=True,
+        disable=quiet,
+    ) as progress:
+        task = progress.add_task(f"batch {job_id}", total=None)
+        while True:
+            job = client.get_batch(job_id)
+            progress.update(task, completed=job.parts_done, total=job.parts_total or None)
+            if job.status in ended:
+                return job
+            time.sleep(0.3)
+
+
+@batch_app.command("show")
+def batch_show(
+    job_id: Annotated[str, typer.Argument(help="The job id that `batch run` printed.")],
+    address: DeployerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a batch job: status, progress, rows, output folder."""
+    with deployer(address) as client:
+        job = client.get_batch(job_id)
+    if as_json:
+        print_json(batch_dict(job))
+    else:
+        show_batch(job)
+
+
+@batch_app.command("list")
+def batch_list(address: DeployerOption = None, as_json: JsonOption = False) -> None:
+    """List batch jobs, newest first."""
+    with deployer(address) as client:
+        jobs = client.list_batches()
+    if as_json:
+        print_json([batch_dict(job) for job in jobs])
+        return
+    table = new_table("job", "status", "scored by", "progress", "rows", "output", "created")
+    for job in jobs:
+        table.add_row(
+            job.id,
+            batch_status(job.status),
+            escape(f"{job.model_name}:{job.model_version}" if job.model_name else job.endpoint),
+            f"{job.parts_done}/{job.parts_total}",
+            str(job.rows_total),
+            escape(job.output_dir),
+            when(job.created_at),
+        )
+    console.print(table)
 
 
 if __name__ == "__main__":

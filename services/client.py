@@ -19,17 +19,18 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from services._proto.mlmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from services._proto.mlmesh.v1 import common_pb2, deployer_pb2, deployer_pb2_grpc, registry_pb2, registry_pb2_grpc
 from services.common.settings import MeshSettings
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_DEPLOYER_ADDRESS = "127.0.0.1:50054"
 ACTOR_METADATA = "x-mlmesh-actor"
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -193,16 +194,10 @@ class _FileSink:
         self.temporary.unlink(missing_ok=True)
 
 
-class RegistryClient:
-    """A connection to the registry (mlmesh.v1.RegistryService).
+class _ServiceClient:
+    """A connection to one mlmesh service: its channel, the caller's identity, unary calls."""
 
-    Args:
-        address: host:port of the registry.
-        actor: who is calling, recorded in the audit log; defaults to MLMESH_ACTOR or the login name.
-        timeout: seconds a unary call may take; streams (uploads, downloads) are not limited.
-    """
-
-    def __init__(self, address: str = DEFAULT_ADDRESS, actor: str | None = None, *, timeout: float = 60.0) -> None:
+    def __init__(self, address: str, actor: str | None, timeout: float) -> None:
         self.address = address
         self.actor = actor or default_actor()
         self.timeout = timeout
@@ -213,13 +208,12 @@ class RegistryClient:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
-        self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         self._metadata = ((ACTOR_METADATA, self.actor),)
 
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> RegistryClient:
+    def __enter__(self: Self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -230,6 +224,30 @@ class RegistryClient:
             return method(request, metadata=self._metadata, timeout=self.timeout)
         except grpc.RpcError as error:
             raise MeshError.from_rpc_error(error) from None
+
+    @staticmethod
+    def _all_pages(fetch: Callable[[str], Any], items: str) -> Iterator[Any]:
+        token = ""
+        while True:
+            page = fetch(token)
+            yield from getattr(page, items)
+            token = page.next_page_token
+            if not token:
+                return
+
+
+class RegistryClient(_ServiceClient):
+    """A connection to the registry (mlmesh.v1.RegistryService).
+
+    Args:
+        address: host:port of the registry.
+        actor: who is calling, recorded in the audit log; defaults to MLMESH_ACTOR or the login name.
+        timeout: seconds a unary call may take; streams (uploads, downloads) are not limited.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, actor: str | None = None, *, timeout: float = 60.0) -> None:
+        super().__init__(address, actor, timeout)
+        self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
 
     def _upload(self, method: Callable[..., Any], requests: Iterator[Any]) -> Any:
         local_errors: list[Exception] = []
@@ -249,16 +267,6 @@ class RegistryClient:
             if local_errors:
                 raise local_errors[0] from None
             raise MeshError.from_rpc_error(error) from None
-
-    @staticmethod
-    def _all_pages(fetch: Callable[[str], Any], items: str) -> Iterator[Any]:
-        token = ""
-        while True:
-            page = fetch(token)
-            yield from getattr(page, items)
-            token = page.next_page_token
-            if not token:
-                return
 
     # ------------------------------------------------------------ model versions
 
@@ -395,6 +403,23 @@ class RegistryClient:
             if sink:
                 sink.discard()
         return version
+
+    def fetch_onnx(self, ref: str, cache: Path) -> tuple[registry_pb2.ModelVersion, Path]:
+        """A version and its main `.onnx` file (the one with the shortest path), downloaded once
+        into `cache/<sha256>/model.onnx` and kept there; ValueError when it has none."""
+        version = self.get(ref)
+        onnx_files = sorted((file for file in version.files if file.path.endswith(".onnx")), key=lambda f: len(f.path))
+        if not onnx_files:
+            raise ValueError(f"{ref} ({version.name}:{version.version}) has no .onnx file")
+        main_file = onnx_files[0]
+        target = cache / main_file.sha256 / "model.onnx"
+        if not target.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache, prefix="download-") as scratch:
+                self.download(f"{version.name}:{version.version}", Path(scratch))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(Path(scratch) / main_file.path, target)
+        return version, target
 
     def update(
         self,
@@ -538,3 +563,108 @@ class RegistryClient:
     def iter_audit(self, **filters: Any) -> Iterator[registry_pb2.AuditEntry]:
         """Every audit entry matching `filters` (the arguments of `list_audit`), across pages."""
         return self._all_pages(lambda token: self.list_audit(**filters, page_token=token), "entries")
+
+
+class DeployerClient(_ServiceClient):
+    """A connection to the deployer (mlmesh.v1.DeployerService): endpoints, deployments, traffic.
+
+    Args:
+        address: host:port of the deployer.
+        actor: who is calling; defaults to MLMESH_ACTOR or the login name.
+        timeout: seconds a call may take (deleting waits for replicas to drain).
+    """
+
+    def __init__(
+        self, address: str = DEFAULT_DEPLOYER_ADDRESS, actor: str | None = None, *, timeout: float = 90.0
+    ) -> None:
+        super().__init__(address, actor, timeout)
+        self._stub = deployer_pb2_grpc.DeployerServiceStub(self._channel)
+
+    def create(
+        self,
+        endpoint: str,
+        model_ref: str,
+        *,
+        deployment: str = "blue",
+        target: str = "local",
+        cpus: float = 0,
+        memory_mb: int = 0,
+        replicas: int = 1,
+        traffic: int | None = None,
+        capture: bool = False,
+    ) -> deployer_pb2.Deployment:
+        """Add a deployment (and the endpoint when new); it starts in status CREATING."""
+        request = deployer_pb2.CreateDeploymentRequest(
+            endpoint=endpoint,
+            deployment=deployment,
+            model_ref=model_ref,
+            target=target,
+            resources=deployer_pb2.Resources(cpus=cpus, memory_mb=memory_mb),
+            replicas=replicas,
+            traffic=traffic,
+            capture=capture,
+        )
+        return self._call(self._stub.CreateDeployment, request).deployment
+
+    def get(self, endpoint: str) -> deployer_pb2.Endpoint:
+        return self._call(self._stub.GetEndpoint, deployer_pb2.GetEndpointRequest(name=endpoint)).endpoint
+
+    def list(self) -> list[deployer_pb2.Endpoint]:
+        def fetch(token: str) -> Any:
+            return self._call(self._stub.ListEndpoints, deployer_pb2.ListEndpointsRequest(page_token=token))
+
+        return list(self._all_pages(fetch, "endpoints"))
+
+    def set_traffic(
+        self, endpoint: str, traffic: dict[str, int], mirror: dict[str, int] | None = None
+    ) -> deployer_pb2.Endpoint:
+        request = deployer_pb2.SetTrafficRequest(endpoint=endpoint, traffic=traffic, mirror=mirror or {})
+        return self._call(self._stub.SetTraffic, request).endpoint
+
+    def delete(self, endpoint: str, deployment: str | None = None) -> None:
+        """Delete one deployment, or the whole endpoint when `deployment` is None; returns once
+        its replicas have stopped."""
+        if deployment is None:
+            self._call(self._stub.DeleteEndpoint, deployer_pb2.DeleteEndpointRequest(name=endpoint))
+        else:
+            request = deployer_pb2.DeleteDeploymentRequest(endpoint=endpoint, deployment=deployment)
+            self._call(self._stub.DeleteDeployment, request)
+
+    def logs(self, endpoint: str, deployment: str, replica: int = 0, lines: int = 100) -> list[str]:
+        request = deployer_pb2.GetDeploymentLogsRequest(
+            endpoint=endpoint, deployment=deployment, replica=replica, lines=lines
+        )
+        return list(self._call(self._stub.GetDeploymentLogs, request).lines)
+
+    def create_batch(
+        self,
+        inputs: Iterable[Path | str],
+        output_dir: Path | str,
+        *,
+        model_ref: str = "",
+        endpoint: str = "",
+        mini_batch_rows: int = 1000,
+        workers: int = 2,
+        columns: Iterable[str] = (),
+    ) -> deployer_pb2.BatchJob:
+        """Start scoring `inputs` (Parquet or CSV files the deployer can read) with a model
+        version or an endpoint into `output_dir`; the job starts QUEUED."""
+        request = deployer_pb2.CreateBatchJobRequest(
+            model_ref=model_ref,
+            endpoint=endpoint,
+            inputs=[str(Path(path).resolve()) for path in inputs],
+            output_dir=str(Path(output_dir).resolve()),
+            mini_batch_rows=mini_batch_rows,
+            workers=workers,
+            columns=list(columns),
+        )
+        return self._call(self._stub.CreateBatchJob, request).job
+
+    def get_batch(self, job_id: str) -> deployer_pb2.BatchJob:
+        return self._call(self._stub.GetBatchJob, deployer_pb2.GetBatchJobRequest(id=job_id)).job
+
+    def list_batches(self) -> list[deployer_pb2.BatchJob]:
+        def fetch(token: str) -> Any:
+            return self._call(self._stub.ListBatchJobs, deployer_pb2.ListBatchJobsRequest(page_token=token))
+
+        return list(self._all_pages(fetch, "jobs"))

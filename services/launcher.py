@@ -31,6 +31,11 @@ from services.common import natsserver
 # name -> (module run with `python -m`, default port, full gRPC service name for health checks)
 SERVICES: dict[str, tuple[str, int, str]] = {
     "registry": ("services.registry", 50051, "mlmesh.v1.RegistryService"),
+    "deployer": ("services.deployer", 50054, "mlmesh.v1.DeployerService"),
+}
+# Settings through which a service finds another it calls: variable -> the service it names.
+DEPENDENCIES: dict[str, dict[str, str]] = {
+    "deployer": {"MLMESH_DEPLOYER_REGISTRY_ADDRESS": "registry"},
 }
 
 STATE_FILE = "mesh.json"
@@ -210,7 +215,7 @@ def _child_environment(home: Path, nats_url: str, extra: dict[str, str]) -> dict
     return {**os.environ, "MLMESH_HOME": str(home), "MLMESH_NATS_URL": nats_url, **extra}
 
 
-def _terminate(pids: dict[int, str], timeout: float) -> None:
+def terminate(pids: dict[int, str], timeout: float) -> None:
     """SIGTERM each (pid -> marker), wait up to `timeout`, SIGKILL what is left."""
     running = {pid: marker for pid, marker in pids.items() if is_alive(pid, marker)}
     for pid in running:
@@ -236,10 +241,29 @@ def _signal_group(pid: int, number: int) -> None:
             os.kill(pid, number)
 
 
+def record_process(home: Path, name: str, pid: int, marker: str) -> None:
+    """Note a process a service started for the mesh (an endpoint's router or replica) in
+    `<home>/run/<name>.pid`, so that `down` stops it too."""
+    run = home / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / f"{name}.pid").write_text(f"{pid} {marker}\n")
+
+
+def stop_recorded_processes(home: Path, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+    """Stop every process noted by `record_process` (checked against its marker) and forget them."""
+    pids = {}
+    for path in sorted((home / "run").glob("*.pid")):
+        pid, _, marker = path.read_text().strip().partition(" ")
+        if pid.isdigit():
+            pids[int(pid)] = marker
+        path.unlink(missing_ok=True)
+    terminate(pids, timeout)
+
+
 def _stop_state(state: MeshState, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
-    _terminate({service.pid: _service_marker(name) for name, service in state.services.items()}, timeout)
+    terminate({service.pid: _service_marker(name) for name, service in state.services.items()}, timeout)
     if state.nats_pid:
-        _terminate({state.nats_pid: NATS_MARKER}, timeout)
+        terminate({state.nats_pid: NATS_MARKER}, timeout)
 
 
 def _start_nats(home: Path, say: Say) -> tuple[str, subprocess.Popen[bytes]]:
@@ -254,10 +278,12 @@ def _start_nats(home: Path, say: Say) -> tuple[str, subprocess.Popen[bytes]]:
     return url, process
 
 
-def _start_service(name: str, home: Path, nats_url: str) -> tuple[subprocess.Popen[bytes], str, Path, int]:
+def _start_service(
+    name: str, home: Path, nats_url: str, addresses: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], str, Path, int]:
     module = SERVICES[name][0]
     host, port = endpoint_of(name)
-    extra: dict[str, str] = {}
+    extra = {variable: addresses[other] for variable, other in DEPENDENCIES.get(name, {}).items()}
     if port == 0:
         # The launcher must know the port to check health and record it, so it picks one.
         port = natsserver.free_port()
@@ -328,7 +354,8 @@ def start(
             say(f"nats      {nats_url} (MLMESH_NATS_URL)")
         started = []
         for name in SERVICES:
-            process, address, log_file, offset = _start_service(name, home, state.nats_url)
+            addresses = {other: service.address for other, service in state.services.items()}
+            process, address, log_file, offset = _start_service(name, home, state.nats_url, addresses)
             state.services[name] = ServiceState(pid=process.pid, address=address)
             started.append((name, process, address, log_file, offset))
         for name, process, address, log_file, offset in started:
@@ -378,6 +405,7 @@ def up(
         signal.signal(signal.SIGTERM, previous)
         say("stopping mlmesh ...")
         _stop_state(state)
+        stop_recorded_processes(home.resolve())
         state_path(home.resolve()).unlink(missing_ok=True)
         say("mlmesh stopped")
     return state
@@ -392,6 +420,7 @@ def down(home: Path, say: Say = print) -> bool:
         return False
     running = live_pids(state)
     _stop_state(state)
+    stop_recorded_processes(home)  # after the deployer, which would restart them
     state_path(home).unlink(missing_ok=True)
     say("mlmesh stopped" if running else f"mlmesh was not running in {home}; removed its stale state file")
     return running

@@ -59,9 +59,10 @@ def json_of(result) -> object:
 
 def test_up_detach_status_refuses_a_second_up_and_down_stops_everything(tmp_path: Path) -> None:
     home = tmp_path / "mesh"
-    port = natsserver.free_port()
-    environment = {**clean_environment(), "MLMESH_HOME": str(home), "MLMESH_REGISTRY_PORT": str(port)}
-    settings = {"MLMESH_HOME": str(home), "MLMESH_REGISTRY_PORT": str(port), "MLMESH_NATS_URL": None}
+    port, deployer_port = natsserver.free_port(), natsserver.free_port()
+    ports = {"MLMESH_REGISTRY_PORT": str(port), "MLMESH_DEPLOYER_PORT": str(deployer_port)}
+    environment = {**clean_environment(), "MLMESH_HOME": str(home), **ports}
+    settings = {"MLMESH_HOME": str(home), **ports, "MLMESH_NATS_URL": None}
     try:
         # A real process, so the test also proves the mesh outlives the command that detached it.
         started = mlmesh("up", "--detach", env=environment)
@@ -75,6 +76,8 @@ def test_up_detach_status_refuses_a_second_up_and_down_stops_everything(tmp_path
             "pid": state.services["registry"].pid,
             "status": "SERVING",
         }
+        assert status["services"]["deployer"]["status"] == "SERVING"
+        assert status["services"]["deployer"]["address"] == f"127.0.0.1:{deployer_port}"
         assert status["nats_url"] == state.nats_url
 
         again = runner.invoke(app, ["up", "--detach"], env=settings)
@@ -84,6 +87,7 @@ def test_up_detach_status_refuses_a_second_up_and_down_stops_everything(tmp_path
         stopped = runner.invoke(app, ["down", "--json"], env=settings)
         assert json.loads(stopped.stdout)["stopped"] is True
         assert not is_alive(state.services["registry"].pid, "services.registry")
+        assert not is_alive(state.services["deployer"].pid, "services.deployer")
         assert not is_alive(state.nats_pid, "nats-server")
         assert read_state(home) is None
         after = json.loads(runner.invoke(app, ["status", "--json"], env=settings).stdout)

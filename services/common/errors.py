@@ -82,6 +82,17 @@ class Unavailable(MlmeshError):
     reason = "UNAVAILABLE"
 
 
+def error_for(code: str, message: str, *, field: str | None = None) -> MlmeshError:
+    """The error of this hierarchy whose gRPC status is `code` (another service's answer, passed
+    on); INTERNAL for codes that have no class here."""
+    for kind in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Aborted, ResourceExhausted):
+        if kind.code == code:
+            return kind(message, field=field)
+    if code in (DataLoss.code, Unavailable.code):
+        return (DataLoss if code == DataLoss.code else Unavailable)(message, field=field)
+    return MlmeshError(message, field=field)
+
+
 # For the HTTP APIs (the runtime's /v2): the status each code answers with.
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,

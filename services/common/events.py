@@ -166,6 +166,77 @@ class RunCompleted(EventPayload):
     metric_count: int = 0
 
 
+class DeploymentEvent(EventPayload):
+    """What every deployment.* event says: which deployment, serving what, where."""
+
+    endpoint: str
+    deployment: str
+    model_name: str
+    model_version: int
+    target: str
+
+
+class DeploymentCreated(DeploymentEvent):
+    kind: ClassVar[str] = "deployment.created"
+    model_ref: str
+    cpus: float
+    memory_mb: int
+    replicas: int
+    traffic: dict[str, int]
+
+
+class DeploymentReady(DeploymentEvent):
+    kind: ClassVar[str] = "deployment.ready"
+    replicas: int
+    grpc_address: str
+    http_address: str
+
+
+class DeploymentUpdated(DeploymentEvent):
+    kind: ClassVar[str] = "deployment.updated"
+    changed: list[str]
+    traffic: dict[str, int]
+    mirror: dict[str, int]
+
+
+class DeploymentUnhealthy(DeploymentEvent):
+    kind: ClassVar[str] = "deployment.unhealthy"
+    replica: int
+    reason: str
+    restarts: int
+
+
+class DeploymentFailed(DeploymentEvent):
+    kind: ClassVar[str] = "deployment.failed"
+    reason: str
+
+
+class DeploymentDeleted(DeploymentEvent):
+    kind: ClassVar[str] = "deployment.deleted"
+
+
+class BatchEvent(EventPayload):
+    """What every batch.* event says: the job, what scored, where the output is."""
+
+    job_id: str
+    model_name: str
+    model_version: int
+    endpoint: str
+    output_dir: str
+    parts: int
+    rows: int
+    seconds: float
+
+
+class BatchCompleted(BatchEvent):
+    kind: ClassVar[str] = "batch.completed"
+
+
+class BatchFailed(BatchEvent):
+    kind: ClassVar[str] = "batch.failed"
+    reason: str
+
+
 class CloudEvent(BaseModel):
     """A CloudEvents 1.0 envelope in structured JSON mode."""
 

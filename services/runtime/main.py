@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-import tempfile
-from pathlib import Path
 
 from aiohttp import web
 
@@ -31,30 +28,24 @@ def load_models(settings: RuntimeSettings) -> domain.ModelStore:
     cache = settings.resolved_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     threads = (settings.intra_op_threads, settings.inter_op_threads)
+    if settings.served_name and len(settings.model_refs()) != 1:
+        raise SystemExit("MLMESH_RUNTIME_SERVED_NAME renames one model: give exactly one in MLMESH_RUNTIME_MODELS")
     with RegistryClient(settings.registry_address, actor="runtime") as client:
         for ref in settings.model_refs():
-            version = client.get(ref)
-            onnx_files = sorted(
-                (file for file in version.files if file.path.endswith(".onnx")), key=lambda f: len(f.path)
-            )
-            if not onnx_files:
-                raise SystemExit(f"{ref} ({version.name}:{version.version}) has no .onnx file; the runtime serves ONNX")
-            main_file = onnx_files[0]
-            target = cache / main_file.sha256 / "model.onnx"
-            if not target.exists():
-                with tempfile.TemporaryDirectory(dir=cache, prefix="download-") as scratch:
-                    client.download(f"{version.name}:{version.version}", Path(scratch))
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(Path(scratch) / main_file.path, target)
+            try:
+                version, target = client.fetch_onnx(ref, cache)
+            except ValueError as error:
+                raise SystemExit(f"{error}; the runtime serves ONNX") from None
             signature = domain.Signature(
                 inputs=[domain.TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in version.signature.inputs],
                 outputs=[domain.TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in version.signature.outputs],
             )
-            model = domain.load_model(version.name, str(version.version), target, signature, threads)
+            name = settings.served_name or version.name
+            model = domain.load_model(name, str(version.version), target, signature, threads)
             if settings.max_batch_rows and domain.Batcher.suits(model):
                 model.batcher = domain.Batcher(model, settings.max_batch_rows, settings.max_batch_wait_ms / 1000)
             store.add(model)
-            log.info("serving %s:%s (%s)", version.name, version.version, ref)
+            log.info("serving %s:%s (%s) as %s", version.name, version.version, ref, name)
     return store
 
 

@@ -25,6 +25,10 @@ class RuntimeSettings(ServiceSettings):
     models: str = ""
     """The model versions to serve, comma-separated registry refs: `name:version` or `name@alias`."""
 
+    served_name: str = Field(default="", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,99})?$")
+    """The name the one served model answers to instead of its registry name (a deployment serves
+    its model under its endpoint's name); needs exactly one model."""
+
     registry_address: str = "127.0.0.1:50051"
     """host:port of the registry the models are downloaded from."""
 

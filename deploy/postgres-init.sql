@@ -1,0 +1,2 @@
+-- Each mlmesh service owns its database; the registry uses `mlmesh` (POSTGRES_DB).
+CREATE DATABASE mlmesh_deployer;

@@ -1,0 +1,101 @@
+"""Entry point of the deployer: its API, and the reconciler that keeps endpoints running."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from services._proto.mlmesh.v1 import deployer_pb2, deployer_pb2_grpc
+from services.client import MeshError, RegistryClient
+from services.common.db import Database
+from services.common.errors import Unavailable, error_for
+from services.common.natsserver import free_port
+from services.common.outbox import Outbox
+from services.common.server import ServiceRuntime, run_service, service_runtime
+from services.deployer.batch import BatchRunner
+from services.deployer.domain import Deployer
+from services.deployer.local import LocalProcesses
+from services.deployer.models import TABLES, create_tables
+from services.deployer.reconciler import Reconciler
+from services.deployer.servicer import DeployerServicer
+from services.deployer.settings import DeployerSettings
+
+SERVICE_NAME = deployer_pb2.DESCRIPTOR.services_by_name["DeployerService"].full_name
+
+
+class RegistryCalls:
+    """The registry's client, its failures turned into mlmesh errors that name the registry, so
+    that the deployer's callers see NOT_FOUND for an unknown model, UNAVAILABLE when the registry
+    is away."""
+
+    def __init__(self, client: RegistryClient) -> None:
+        self.client = client
+
+    def acquire_usage(self, ref: str, deployment_id: str) -> Any:
+        return self._call(self.client.acquire_usage, ref, deployment_id)
+
+    def release_usage(self, ref: str, deployment_id: str) -> None:
+        self._call(self.client.release_usage, ref, deployment_id)
+
+    def fetch_onnx(self, ref: str, cache: Path) -> Any:
+        return self._call(self.client.fetch_onnx, ref, cache)
+
+    def _call(self, method: Any, *args: Any) -> Any:
+        try:
+            return method(*args)
+        except MeshError as error:
+            if error.unreachable:
+                raise Unavailable(f"the registry at {self.client.address} cannot be reached; is it running?") from None
+            raise error_for(error.code, f"registry: {error.message}", field=error.field or None) from None
+
+
+def build(settings: DeployerSettings) -> ServiceRuntime:
+    """Everything the deployer runs: database, outbox, the gRPC server and the reconciler."""
+    if settings.workers != 1:
+        raise SystemExit("MLMESH_DEPLOYER_WORKERS must be 1: one reconciler owns the replicas")
+    database = Database(settings.resolved_database_url(), TABLES)
+    create_tables(database)
+    outbox = Outbox()
+    registry = RegistryCalls(RegistryClient(settings.registry_address, actor="deployer"))
+    deployer = Deployer(
+        database,
+        outbox,
+        registry,
+        free_port,
+        max_restarts=settings.max_restarts,
+        restart_window_seconds=settings.restart_window_seconds,
+    )
+    processes = LocalProcesses(
+        settings.home, settings.registry_address, settings.nats_url, settings.log_level, settings.endpoint_host
+    )
+    reconciler = Reconciler(
+        deployer,
+        processes,
+        interval_seconds=settings.reconcile_seconds,
+        ready_timeout_seconds=settings.ready_timeout_seconds,
+        cluster=settings,
+    )
+    batches = BatchRunner(
+        deployer, processes, registry, settings.nats_url, ack_wait_seconds=settings.batch_ack_wait_seconds
+    )
+    servicer = DeployerServicer(deployer, reconciler, batches)
+    registration = (deployer_pb2_grpc.add_DeployerServiceServicer_to_server, servicer, SERVICE_NAME)
+    return service_runtime(
+        "deployer",
+        settings,
+        [registration],
+        database=database,
+        outbox=outbox,
+        leader_background=[reconciler.run, batches.run],
+    )
+
+
+def build_server(settings: DeployerSettings) -> object:
+    """An unstarted grpc.aio server of the deployer."""
+    return build(settings).server
+
+
+async def main(settings: DeployerSettings | None = None) -> None:
+    """Run the deployer until SIGTERM; the endpoints it started keep running."""
+    settings = settings or DeployerSettings()
+    await run_service(settings, build)

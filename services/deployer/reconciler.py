@@ -1,0 +1,297 @@
+"""The reconciler: makes what runs match what the deployer's tables say, over and over.
+
+Each pass, per endpoint: its router runs; every replica of every deployment runs and answers
+health checks (a dead or silent one is restarted with backoff, and the deployment reported
+unhealthy, or failed after too many restarts); the router's routes list exactly the replicas
+that are ready, with the traffic weights; deployments being deleted leave the routes first,
+and their replicas stop only once the router has loaded routes without them, so no request
+is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from services.deployer import domain, kubernetes, local
+from services.deployer.models import DeploymentRow, EndpointRow, ReplicaRow
+from services.deployer.settings import DeployerSettings
+from services.launcher import health_status
+
+log = logging.getLogger(__name__)
+RUNTIME_SERVICE = "inference.GRPCInferenceService"
+FAILED_CHECKS_BEFORE_RESTART = 3
+ROUTES_LOADED_TIMEOUT_SECONDS = 10.0
+
+
+def backoff_seconds(restarts: int) -> float:
+    """1, 2, 4, ... seconds between restarts of a replica, at most 30."""
+    return min(30.0, 2.0 ** max(0, restarts - 1))
+
+
+def routes_for(endpoint: str, deployments: list[tuple[DeploymentRow, list[ReplicaRow]]]) -> dict[str, Any]:
+    """The router's routes: the ready replicas of every deployment that may take requests."""
+    entries = []
+    for row, replicas in deployments:
+        if row.status in (domain.DELETING, domain.FAILED):
+            continue
+        entries.append(
+            {
+                "name": row.name,
+                "model_version": str(row.model_version),
+                "weight": row.traffic,
+                "mirror_percent": row.mirror,
+                "replicas": [
+                    {"grpc": f"127.0.0.1:{replica.grpc_port}", "http": f"127.0.0.1:{replica.http_port}"}
+                    for replica in replicas
+                    if replica.status == domain.REPLICA_READY
+                ],
+            }
+        )
+    weights = {entry["name"]: entry["weight"] for entry in entries}
+    if sum(weights.values()) not in (0, 100):  # a failed deployment's share goes to the others
+        shares = domain.scale_others(weights, 100)
+        for entry in entries:
+            entry["weight"] = shares[entry["name"]]
+    return {"endpoint": endpoint, "deployments": entries}
+
+
+class Reconciler:
+    def __init__(
+        self,
+        deployer: domain.Deployer,
+        processes: local.LocalProcesses,
+        *,
+        interval_seconds: float,
+        ready_timeout_seconds: float,
+        cluster: DeployerSettings | None = None,
+    ) -> None:
+        self.deployer = deployer
+        self.cluster = cluster or DeployerSettings()
+        self.processes = processes
+        self.interval_seconds = interval_seconds
+        self.ready_timeout_seconds = ready_timeout_seconds
+        self.routes_dir = processes.home / "deployer" / "endpoints"
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._written: dict[str, dict[str, Any]] = {}
+
+    def kick(self) -> None:
+        """Reconcile now rather than at the next tick."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Reconcile every interval (or when kicked) until cancelled."""
+        while True:
+            try:
+                await self.reconcile()
+            except Exception:  # a failed pass is retried on the next; it must not stop the loop
+                log.exception("reconcile pass failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval_seconds)
+            self._wake.clear()
+
+    async def reconcile(self) -> None:
+        async with self._lock:
+            for endpoint in await self._db(self.deployer.endpoint_rows):
+                await self._reconcile_endpoint(endpoint)
+
+    def routes_file(self, endpoint: str) -> Path:
+        return self.routes_dir / endpoint / "routes.json"
+
+    async def _db(self, function: Any, *args: Any) -> Any:
+        return await self.deployer.database.run(function, *args)
+
+    async def _reconcile_endpoint(self, endpoint: EndpointRow) -> None:
+        await self._ensure_router(endpoint)
+        addresses = (f"127.0.0.1:{endpoint.grpc_port}", f"127.0.0.1:{endpoint.http_port}")
+        deployments = await self._db(self.deployer.deployment_rows, endpoint.name)
+        for row, replicas in deployments:
+            if row.status in (domain.DELETING, domain.FAILED):
+                continue
+            if row.target == "kubernetes":
+                await self._reconcile_cluster(row)
+                continue
+            await asyncio.gather(*(self._reconcile_replica(row, replica, addresses) for replica in replicas))
+        deployments = await self._db(self.deployer.deployment_rows, endpoint.name)
+        generation = await self._write_routes(endpoint.name, routes_for(endpoint.name, deployments))
+        leaving = [
+            (row, replicas)
+            for row, replicas in deployments
+            if row.status == domain.DELETING or (row.status == domain.FAILED and any(r.instance for r in replicas))
+        ]
+        if not leaving:
+            return
+        await self._routes_loaded(endpoint.name, generation)
+        for row, replicas in leaving:
+            if row.target == "kubernetes":
+                await asyncio.to_thread(self._remove_from_cluster, row)
+            await asyncio.gather(*(self._stop_replica(row, replica) for replica in replicas if replica.instance))
+            if row.status == domain.DELETING:
+                await self._db(self.deployer.finish_delete, endpoint.name, row.name)
+        if await self._db(self.deployer.endpoint_gone, endpoint.name):
+            await asyncio.to_thread(local.stop, endpoint.router_instance, local.ROUTER_MODULE)
+            self._written.pop(endpoint.name, None)
+            for path in (self.routes_file(endpoint.name), self._loaded_file(endpoint.name)):
+                path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ the kubernetes target
+
+    def cluster_spec(self, row: DeploymentRow) -> kubernetes.KubernetesDeployment:
+        cluster = self.cluster
+        return kubernetes.KubernetesDeployment(
+            endpoint=row.endpoint,
+            deployment=row.name,
+            model_name=row.model_name,
+            model_version=row.model_version,
+            registry_address=cluster.cluster_registry_address or cluster.registry_address,
+            image=cluster.kubernetes_image,
+            cpus=row.cpus or 1.0,
+            memory_mb=row.memory_mb or 1024,
+            replicas=row.replicas,
+            nats_url=cluster.cluster_nats_url or cluster.nats_url,
+            capture=row.capture,
+            namespace=cluster.kubernetes_namespace,
+        )
+
+    def manifests_file(self, row: DeploymentRow) -> Path:
+        return self.processes.home / "deployer" / "kubernetes" / row.endpoint / f"{row.name}.yaml"
+
+    async def _reconcile_cluster(self, row: DeploymentRow) -> None:
+        """Render the deployment's manifests (kept under <home>), and apply them to the cluster
+        when a kubeconfig is configured; again whenever they change."""
+        assert row.id is not None
+        manifests = kubernetes.render(self.cluster_spec(row))
+        text = kubernetes.to_yaml(manifests)
+        path = self.manifests_file(row)
+        if path.exists() and path.read_text() == text and row.message:
+            return
+        kubeconfig = self.cluster.kubeconfig
+        if kubeconfig is None:
+            message = f"manifests rendered at {path}; set MLMESH_DEPLOYER_KUBECONFIG to apply them, or kubectl apply -f"
+        else:
+            try:
+                await asyncio.to_thread(kubernetes.apply, manifests, kubeconfig, self.cluster.kubernetes_namespace)
+            except kubernetes.KubernetesError as error:
+                await self._db(self.deployer.deployment_message, row.id, f"applying to the cluster failed: {error}")
+                return  # retried next pass: nothing is written until it applied
+            message = f"applied to the cluster of {kubeconfig} (namespace {self.cluster.kubernetes_namespace})"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        await self._db(self.deployer.deployment_message, row.id, message)
+
+    def _remove_from_cluster(self, row: DeploymentRow) -> None:
+        if self.cluster.kubeconfig is not None:
+            try:
+                kubernetes.delete(self.cluster_spec(row), self.cluster.kubeconfig)
+            except kubernetes.KubernetesError as error:
+                log.warning("%s/%s: could not delete it from the cluster: %s", row.endpoint, row.name, error)
+        self.manifests_file(row).unlink(missing_ok=True)
+
+    async def _ensure_router(self, endpoint: EndpointRow) -> None:
+        if local.running(endpoint.router_instance, local.ROUTER_MODULE):
+            return
+        routes_file = self.routes_file(endpoint.name)
+        routes_file.parent.mkdir(parents=True, exist_ok=True)
+        instance = await asyncio.to_thread(
+            self.processes.start_router, endpoint.name, routes_file, endpoint.grpc_port, endpoint.http_port
+        )
+        await self._db(self.deployer.router_started, endpoint.name, instance)
+        log.info("endpoint %s: router started (%s) on 127.0.0.1:%s", endpoint.name, instance, endpoint.grpc_port)
+
+    async def _reconcile_replica(self, row: DeploymentRow, replica: ReplicaRow, addresses: tuple[str, str]) -> None:
+        assert row.id is not None
+        now = time.time()
+        if not replica.instance:
+            if replica.status != domain.STOPPED and now >= replica.next_start_at:
+                model = f"{row.model_name}:{row.model_version}"
+                launch = local.ReplicaLaunch(row.endpoint, row.name, replica.index, model, row.cpus, row.capture)
+                started = await asyncio.to_thread(self.processes.start_replica, launch)
+                await self._db(
+                    self.deployer.replica_started,
+                    row.id,
+                    replica.index,
+                    started.instance,
+                    started.grpc_port,
+                    started.http_port,
+                )
+                log.info("%s/%s replica %d started (%s)", row.endpoint, row.name, replica.index, started.instance)
+            return
+        log_file = self.processes.replica_log(row.endpoint, row.name, replica.index)
+        if not local.running(replica.instance, local.RUNTIME_MODULE):
+            reason = f"the runtime process exited: {local.exit_reason(log_file)}"
+            await self._db(self.deployer.replica_down, row.id, replica.index, reason, backoff_seconds)
+            log.warning("%s/%s replica %d down: %s", row.endpoint, row.name, replica.index, reason)
+            return
+        status = await asyncio.to_thread(health_status, f"127.0.0.1:{replica.grpc_port}", RUNTIME_SERVICE, 1.0)
+        if status == "SERVING":
+            if replica.status != domain.REPLICA_READY or replica.failed_checks:
+                await self._db(self.deployer.replica_ready, row.id, replica.index, addresses)
+            return
+        if replica.status == domain.STARTING:
+            if now - replica.started_at > self.ready_timeout_seconds:
+                await self._restart(
+                    row, replica, f"not ready within {self.ready_timeout_seconds:.0f}s: {local.exit_reason(log_file)}"
+                )
+            return
+        failed = await self._db(self.deployer.replica_check_failed, row.id, replica.index)
+        if failed >= FAILED_CHECKS_BEFORE_RESTART:
+            await self._restart(row, replica, f"{failed} health checks in a row failed ({status})")
+
+    async def _restart(self, row: DeploymentRow, replica: ReplicaRow, reason: str) -> None:
+        await asyncio.to_thread(local.stop, replica.instance, local.RUNTIME_MODULE)
+        await self._db(self.deployer.replica_down, row.id, replica.index, reason, backoff_seconds)
+        log.warning("%s/%s replica %d restarted: %s", row.endpoint, row.name, replica.index, reason)
+
+    async def _stop_replica(self, row: DeploymentRow, replica: ReplicaRow) -> None:
+        assert row.id is not None
+        await asyncio.to_thread(local.stop, replica.instance, local.RUNTIME_MODULE)
+        await self._db(self.deployer.replica_stopped, row.id, replica.index)
+
+    def _loaded_file(self, endpoint: str) -> Path:
+        routes = self.routes_file(endpoint)
+        return routes.with_name(routes.name + ".loaded")
+
+    async def _write_routes(self, endpoint: str, routes: dict[str, Any]) -> int:
+        """Write the routes when they changed (atomically, with the next generation); the
+        generation now in force."""
+        if endpoint not in self._written:
+            self._written[endpoint] = self._read_routes(endpoint)
+        previous = self._written[endpoint]
+        if {key: value for key, value in previous.items() if key != "generation"} == routes:
+            return int(previous.get("generation", 0))
+        generation = await self._db(self.deployer.next_routes_generation, endpoint)
+        content = {"generation": generation, **routes}
+        target = self.routes_file(endpoint)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = target.with_name(f".{target.name}.{os.getpid()}")
+        scratch.write_text(json.dumps(content, indent=2))
+        os.replace(scratch, target)
+        self._written[endpoint] = content
+        return generation
+
+    def _read_routes(self, endpoint: str) -> dict[str, Any]:
+        try:
+            return json.loads(self.routes_file(endpoint).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    async def _routes_loaded(self, endpoint: str, generation: int) -> None:
+        """Wait until the router has loaded `generation` (or give up after a while: a router
+        that does not run cannot route to what is about to stop either)."""
+        loaded = self._loaded_file(endpoint)
+        deadline = time.monotonic() + ROUTES_LOADED_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                if int(loaded.read_text().strip() or 0) >= generation:
+                    return
+            except (OSError, ValueError):
+                pass
+            await asyncio.sleep(0.05)
+        log.warning("endpoint %s: the router did not confirm routes generation %d", endpoint, generation)

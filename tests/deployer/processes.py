@@ -1,0 +1,77 @@
+"""The deployer as its own process, as `mlmesh up` runs it, for the deployer's tests."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.client import DeployerClient
+from services.common import natsserver
+from services.launcher import health_status
+from tests.conftest import ROOT, RegistryProcess, clean_environment
+
+SERVICE = "mlmesh.v1.DeployerService"
+
+
+@dataclass
+class DeployerProcess:
+    address: str
+    home: Path
+    process: subprocess.Popen[bytes]
+
+    def client(self) -> DeployerClient:
+        return DeployerClient(self.address)
+
+
+def start_deployer(home: Path, registry: RegistryProcess, port: int, **settings: str) -> DeployerProcess:
+    """`python -m services.deployer`; `settings` become MLMESH_DEPLOYER_<NAME> variables."""
+    environment = {
+        **clean_environment(),
+        "MLMESH_HOME": str(home),
+        "MLMESH_NATS_URL": registry.nats_url,
+        "MLMESH_DEPLOYER_PORT": str(port),
+        "MLMESH_DEPLOYER_REGISTRY_ADDRESS": registry.address,
+        "MLMESH_DEPLOYER_RECONCILE_SECONDS": "0.2",
+        **{f"MLMESH_DEPLOYER_{name.upper()}": value for name, value in settings.items()},
+    }
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / "deployer.log").open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.deployer"], cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
+        )
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while health_status(address, SERVICE, timeout=1) != "SERVING":
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the deployer did not start:\n{(home / 'deployer.log').read_text()}")
+        time.sleep(0.1)
+    return DeployerProcess(address, home, process)
+
+
+def stop_deployer(deployer: DeployerProcess) -> None:
+    if deployer.process.poll() is None:
+        deployer.process.terminate()
+        try:
+            deployer.process.wait(20)
+        except subprocess.TimeoutExpired:
+            deployer.process.kill()
+            deployer.process.wait()
+
+
+@contextlib.contextmanager
+def running_deployer(home: Path, registry: RegistryProcess, **settings: str) -> Iterator[DeployerProcess]:
+    """A deployer; on the way out, its endpoints are deleted (their processes stopped) and it stops."""
+    deployer = start_deployer(home, registry, natsserver.free_port(), **settings)
+    try:
+        yield deployer
+    finally:
+        with contextlib.suppress(Exception), deployer.client() as client:
+            for endpoint in client.list():
+                client.delete(endpoint.name)
+        stop_deployer(deployer)
