@@ -28,6 +28,7 @@ class RuntimeProcess:
     """host:port of the OIP gRPC API."""
     http: str
     """host:port of the OIP REST API."""
+    process: subprocess.Popen[bytes]
 
 
 def register_adder(registry: RegistryProcess, home: Path) -> str:
@@ -65,10 +66,11 @@ def spawn_runtime(home: Path, registry: RegistryProcess, models: str, **settings
             raise RuntimeError(f"the runtime did not start:\n{(home / 'runtime.log').read_text()}")
         time.sleep(0.1)
     try:
-        yield RuntimeProcess(address, f"127.0.0.1:{http_port}")
+        yield RuntimeProcess(address, f"127.0.0.1:{http_port}", process)
     finally:
-        process.terminate()
-        process.wait(20)
+        if process.poll() is None:
+            process.terminate()
+            process.wait(20)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ client (tritonclient) and by OIP messages built by hand, well-formed and hostile
 
 from __future__ import annotations
 
+import signal
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -127,3 +129,22 @@ def test_with_adaptive_batching_concurrent_callers_each_get_their_own_answer(reg
 
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(infer, range(64)))
+
+
+def test_sigterm_drains_requests_in_flight_before_the_runtime_exits(registry_process, tmp_path):
+    ref = register_adder(registry_process, tmp_path)
+    # Requests wait in the batcher for 1.5 s, so they are surely in flight when SIGTERM arrives.
+    with spawn_runtime(tmp_path, registry_process, ref, max_batch_rows="1000", max_batch_wait_ms="1500") as running:
+
+        def infer(number: int) -> float:
+            client = triton.InferenceServerClient(url=running.grpc)
+            tensor = triton.InferInput("x", [1, 3], "FP32")
+            tensor.set_data_from_numpy(np.full((1, 3), number, dtype=np.float32))
+            return float(client.infer("adder", [tensor]).as_numpy("y")[0, 0])
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = [pool.submit(infer, number) for number in range(8)]
+            time.sleep(0.5)
+            running.process.send_signal(signal.SIGTERM)
+            assert [answer.result(timeout=30) for answer in answers] == [number + 1 for number in range(8)]
+        assert running.process.wait(20) == 0
