@@ -1369,7 +1369,13 @@ def show_batch(job: deployer_pb2.BatchJob) -> None:
 
 @batch_app.command("run")
 def batch_run(
-    inputs: Annotated[list[Path], typer.Argument(help="Parquet or CSV files to score (read by the deployer).")],
+    inputs: Annotated[
+        list[Path] | None, typer.Argument(help="Parquet or CSV files to score (read by the deployer).")
+    ] = None,
+    dataset: Annotated[
+        str, typer.Option(help="Or: a registered dataset (name:version, or name for the latest) to score.")
+    ] = "",
+    *,
     output: Annotated[Path, typer.Option("--output", "-o", help="An empty or new folder for the Parquet parts.")],
     model_ref: Annotated[
         str, typer.Option("--model", help="name:version or name@alias to score with (in the workers).")
@@ -1389,8 +1395,9 @@ def batch_run(
     writing one Parquet part; a killed worker's mini-batches are redone by the others."""
     with deployer(address) as client:
         job = client.create_batch(
-            inputs,
+            inputs or [],
             output,
+            dataset=dataset,
             model_ref=model_ref,
             endpoint=endpoint,
             mini_batch_rows=mini_batch_rows,

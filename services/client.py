@@ -373,15 +373,35 @@ class RegistryClient(_ServiceClient):
         # Download the exact version just resolved, so files and expected hashes belong together
         # even if an alias moves or a newer version lands meanwhile.
         expected = {file.path: file for file in version.files}
-        total = sum(file.size for file in version.files)
+        request = registry_pb2.DownloadModelVersionRequest(ref=f"{version.name}:{version.version}")
+        stream = self._stub.DownloadModelVersion(request, metadata=self._metadata)
+        self._receive_files(stream, directory, expected, progress)
+        return version
+
+    def download_dataset(self, ref: str, directory: Path, progress: Progress | None = None) -> Path:
+        """Write a dataset's file under `directory`, verified against its sha256; its path."""
+        dataset = self.get_dataset(ref)
+        request = registry_pb2.DownloadDatasetRequest(ref=f"{dataset.name}:{dataset.version}")
+        stream = self._stub.DownloadDataset(request, metadata=self._metadata)
+        self._receive_files(stream, directory, {dataset.file.path: dataset.file}, progress)
+        return safe_target(directory, dataset.file.path)
+
+    def _receive_files(
+        self,
+        responses: Iterable[Any],
+        directory: Path,
+        expected: dict[str, common_pb2.FileInfo],
+        progress: Progress | None,
+    ) -> None:
+        """Write a download stream (a header naming each file, then its chunks) under `directory`."""
+        total = sum(file.size for file in expected.values())
         done = 0
         if progress:
             progress(0, total)
         directory.mkdir(parents=True, exist_ok=True)
-        request = registry_pb2.DownloadModelVersionRequest(ref=f"{version.name}:{version.version}")
         sink: _FileSink | None = None
         try:
-            for response in self._stub.DownloadModelVersion(request, metadata=self._metadata):
+            for response in responses:
                 part = response.file
                 if part.WhichOneof("part") == "header":
                     if sink:
@@ -402,7 +422,6 @@ class RegistryClient(_ServiceClient):
         finally:
             if sink:
                 sink.discard()
-        return version
 
     def fetch_onnx(self, ref: str, cache: Path) -> tuple[registry_pb2.ModelVersion, Path]:
         """A version and its main `.onnx` file (the one with the shortest path), downloaded once
@@ -646,13 +665,15 @@ class DeployerClient(_ServiceClient):
         mini_batch_rows: int = 1000,
         workers: int = 2,
         columns: Iterable[str] = (),
+        dataset: str = "",
     ) -> deployer_pb2.BatchJob:
-        """Start scoring `inputs` (Parquet or CSV files the deployer can read) with a model
-        version or an endpoint into `output_dir`; the job starts QUEUED."""
+        """Start scoring `inputs` (Parquet or CSV files the deployer can read) or a registered
+        `dataset` with a model version or an endpoint into `output_dir`; the job starts QUEUED."""
         request = deployer_pb2.CreateBatchJobRequest(
             model_ref=model_ref,
             endpoint=endpoint,
             inputs=[str(Path(path).resolve()) for path in inputs],
+            dataset=dataset,
             output_dir=str(Path(output_dir).resolve()),
             mini_batch_rows=mini_batch_rows,
             workers=workers,

@@ -221,3 +221,18 @@ def test_datasets_runs_and_audit(client: RegistryClient, tmp_path: Path) -> None
     assert client.get_run(run.id).metrics["auc"] == pytest.approx(0.9)
     actions = {entry.action for entry in client.iter_audit(actor="alice", since=started)}
     assert {"dataset.register", "run.record"} <= actions
+
+
+def test_a_dataset_downloads_verified_and_a_missing_one_is_not_found(client: RegistryClient, tmp_path: Path) -> None:
+    table = tmp_path / "rows.csv"
+    table.write_text("x0,x1\n1,2\n3,4\n")
+    client.register_dataset("sdk-download", table)
+
+    path = client.download_dataset("sdk-download:1", tmp_path / "out")
+
+    assert path.read_bytes() == table.read_bytes()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [path.name]  # no temporary file left
+    for ref, code in [("sdk-download:99", "NOT_FOUND"), ("../etc:1", "INVALID_ARGUMENT")]:
+        with pytest.raises(MeshError) as refused:
+            client.download_dataset(ref, tmp_path / "nothing")
+        assert refused.value.code == code

@@ -185,7 +185,11 @@ class BatchRunner:
 
     async def _start(self, jetstream: Any, job: domain.BatchJobView) -> None:
         work_dir = self.jobs_dir / job.id
-        plan = await asyncio.to_thread(prepare, job.inputs, work_dir, job.mini_batch_rows)
+        inputs = job.inputs
+        if job.dataset:
+            downloaded = await asyncio.to_thread(self.registry.download_dataset, job.dataset, work_dir / "dataset")
+            inputs = [str(downloaded)]
+        plan = await asyncio.to_thread(prepare, inputs, work_dir, job.mini_batch_rows)
         subject = f"{SUBJECT_PREFIX}{job.id}"
         await jetstream.add_consumer(
             STREAM,

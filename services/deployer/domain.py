@@ -61,6 +61,8 @@ class Registry(Protocol):
 
     def acquire_usage(self, ref: str, deployment_id: str) -> Any: ...
 
+    def get_dataset(self, ref: str) -> Any: ...
+
     def release_usage(self, ref: str, deployment_id: str) -> None: ...
 
 
@@ -97,6 +99,7 @@ class BatchJobView:
     model_version: int
     endpoint: str
     inputs: list[str]
+    dataset: str
     columns: list[str]
     output_dir: str
     mini_batch_rows: int
@@ -116,12 +119,12 @@ def check_batch_spec(spec: BatchSpec) -> None:
         raise InvalidArgument("give exactly one of model_ref and endpoint: what scores the rows", field="model_ref")
     if spec.endpoint:
         check_name(spec.endpoint, "endpoint")
-    if spec.dataset:
-        raise InvalidArgument(
-            "registered datasets cannot be batch inputs yet; pass the dataset's files as inputs", field="dataset"
-        )
-    if not spec.inputs or len(spec.inputs) > 10_000:
-        raise InvalidArgument("give 1 to 10,000 input files (Parquet or CSV)", field="inputs")
+    if bool(spec.dataset) == bool(spec.inputs):
+        raise InvalidArgument("give exactly one of inputs (files) and dataset (name:version)", field="inputs")
+    if len(spec.dataset) > 300:
+        raise InvalidArgument("dataset must be a reference `name:version` of at most 300 characters", field="dataset")
+    if len(spec.inputs) > 10_000:
+        raise InvalidArgument("give at most 10,000 input files (Parquet or CSV)", field="inputs")
     for text in spec.inputs:
         path = Path(text)
         if not path.is_absolute() or path.suffix.lower() not in BATCH_FORMATS:
@@ -602,6 +605,12 @@ class Deployer:
         check_batch_spec(spec)
         job_id = events.uuid7()
         model_name, model_version = "", 0
+        dataset = ""
+        if spec.dataset:
+            found = self.registry.get_dataset(spec.dataset)
+            if found.format not in ("csv", "parquet"):
+                raise FailedPrecondition(f"dataset {spec.dataset} is {found.format}; batch jobs read csv or parquet")
+            dataset = f"{found.name}:{found.version}"
         if spec.endpoint:
             with self.database.session() as session:
                 self._endpoint(session, spec.endpoint)
@@ -617,6 +626,7 @@ class Deployer:
                     model_version=model_version,
                     endpoint=spec.endpoint,
                     inputs=json.dumps(list(spec.inputs)),
+                    dataset=dataset,
                     columns=json.dumps(list(spec.columns)),
                     output_dir=spec.output_dir,
                     mini_batch_rows=spec.mini_batch_rows,

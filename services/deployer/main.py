@@ -37,6 +37,12 @@ class RegistryCalls:
     def release_usage(self, ref: str, deployment_id: str) -> None:
         self._call(self.client.release_usage, ref, deployment_id)
 
+    def get_dataset(self, ref: str) -> Any:
+        return self._call(self.client.get_dataset, ref)
+
+    def download_dataset(self, ref: str, directory: Path) -> Path:
+        return self._call(self.client.download_dataset, ref, directory)
+
     def fetch_onnx(self, ref: str, cache: Path) -> Any:
         return self._call(self.client.fetch_onnx, ref, cache)
 

@@ -82,6 +82,8 @@ class BatchJobRow(SQLModel, table=True):
     endpoint: str = ""
     inputs: str = "[]"
     """Input files as given (JSON list)."""
+    dataset: str = ""
+    """Or a registered dataset, `name:version` as resolved when the job was created."""
     columns: str = "[]"
     output_dir: str
     mini_batch_rows: int

@@ -120,6 +120,7 @@ def batch_job_to_proto(view: domain.BatchJobView) -> deployer_pb2.BatchJob:
         model_version=view.model_version,
         endpoint=view.endpoint,
         inputs=view.inputs,
+        dataset=view.dataset,
         output_dir=view.output_dir,
         mini_batch_rows=view.mini_batch_rows,
         workers=view.workers,

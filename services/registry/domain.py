@@ -1134,6 +1134,11 @@ class Registry:
                 raise NotFound(f"dataset {ref[:160]!r} does not exist", reason="DATASET_NOT_FOUND")
             return _dataset_view(row)
 
+    def download_dataset(self, ref: str, chunk_bytes: int) -> tuple[FileView, Iterator[bytes]]:
+        """The dataset's file, with its content as a lazy, checksum-verified chunk stream."""
+        file = self.get_dataset(ref)["file"]
+        return file, self.blobs.read(file.sha256, chunk_bytes)
+
     def list_datasets(
         self, name_prefix: str = "", page_size: int = 0, page_token: str = ""
     ) -> tuple[list[dict[str, Any]], str]:

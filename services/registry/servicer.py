@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -181,6 +181,13 @@ async def _first_metadata(requests: AsyncIterator[Any]) -> Any:
     raise InvalidArgument("the upload stream was empty: send metadata, then the files", field="metadata")
 
 
+async def _file_parts(file: domain.FileView, chunks: Iterator[bytes]) -> AsyncIterator[common_pb2.FileChunk]:
+    """A downloaded file as stream parts: a header naming it, then its chunks (read off the loop)."""
+    yield common_pb2.FileChunk(header=common_pb2.FileHeader(path=file.path))
+    while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+        yield common_pb2.FileChunk(data=chunk)
+
+
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(self, registry: domain.Registry) -> None:
         self.registry = registry
@@ -238,11 +245,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def DownloadModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         files = await self._short(self.registry.download, request.ref, CHUNK_BYTES)
         for file, chunks in files:
-            yield registry_pb2.DownloadModelVersionResponse(
-                file=common_pb2.FileChunk(header=common_pb2.FileHeader(path=file.path))
-            )
-            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-                yield registry_pb2.DownloadModelVersionResponse(file=common_pb2.FileChunk(data=chunk))
+            async for part in _file_parts(file, chunks):
+                yield registry_pb2.DownloadModelVersionResponse(file=part)
+
+    async def DownloadDataset(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        file, chunks = await self._short(self.registry.download_dataset, request.ref, CHUNK_BYTES)
+        async for part in _file_parts(file, chunks):
+            yield registry_pb2.DownloadDatasetResponse(file=part)
 
     async def UpdateModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         view = await self._short(

@@ -81,6 +81,18 @@ def test_a_job_scores_every_row_once_into_parts_and_announces_it(deployer, regis
         assert not [user for user in registry.get(adder).used_by if user.startswith("batch/")]
 
 
+def test_a_registered_dataset_is_scored(deployer, registry_process, adder, tmp_path):
+    (tmp_path / "train.csv").write_text("x0,x1,x2\n1,1,1\n2,2,2\n")
+    with RegistryClient(registry_process.address) as registry:
+        dataset = registry.register_dataset("batch-rows", tmp_path / "train.csv")
+    with deployer.client() as client:
+        job = client.create_batch([], tmp_path / "out", model_ref=adder, dataset=f"batch-rows:{dataset.version}")
+        job = wait_for_job(client, job.id)
+    assert job.status == deployer_pb2.BATCH_JOB_STATUS_COMPLETED, job.message
+    assert job.dataset == f"batch-rows:{dataset.version}"
+    assert output_rows(tmp_path / "out").column("y_0").to_pylist() == [2.0, 3.0]
+
+
 def test_a_killed_worker_loses_no_row_and_duplicates_none(deployer, adder, tmp_path):
     features(tmp_path / "input.parquet", 60_000)
     with deployer.client() as client:
@@ -139,7 +151,7 @@ def test_the_cli_scores_a_csv_with_a_progress_bar_and_json(deployer, adder, tmp_
     [
         ({"endpoint": "also"}, "INVALID_ARGUMENT", "exactly one of model_ref and endpoint"),
         ({"model_ref": "", "endpoint": ""}, "INVALID_ARGUMENT", "exactly one"),
-        ({"inputs": []}, "INVALID_ARGUMENT", "input files"),
+        ({"inputs": []}, "INVALID_ARGUMENT", "exactly one of inputs"),
         ({"inputs": ["relative.parquet"]}, "INVALID_ARGUMENT", "absolute path"),
         ({"inputs": ["/etc/passwd"]}, "INVALID_ARGUMENT", ".parquet or .csv"),
         ({"inputs": ["/nowhere/x.csv"]}, "NOT_FOUND", "does not exist"),
@@ -148,7 +160,8 @@ def test_the_cli_scores_a_csv_with_a_progress_bar_and_json(deployer, adder, tmp_
         ({"workers": 1000}, "INVALID_ARGUMENT", "workers"),
         ({"model_ref": "missing-model:1"}, "NOT_FOUND", "missing-model"),
         ({"endpoint": "no-such-endpoint", "model_ref": ""}, "NOT_FOUND", "no-such-endpoint"),
-        ({"dataset": "iris:1"}, "INVALID_ARGUMENT", "datasets cannot be batch inputs yet"),
+        ({"dataset": "iris:1"}, "INVALID_ARGUMENT", "exactly one of inputs (files) and dataset"),
+        ({"inputs": [], "dataset": "no-such-dataset:1"}, "NOT_FOUND", "no-such-dataset"),
     ],
 )
 def test_bad_batch_requests_are_refused_and_record_nothing(deployer, adder, tmp_path, fields, code, words):

@@ -112,6 +112,11 @@ class RegistryServiceStub:
                 request_serializer=mlmesh_dot_v1_dot_registry__pb2.GetDatasetRequest.SerializeToString,
                 response_deserializer=mlmesh_dot_v1_dot_registry__pb2.GetDatasetResponse.FromString,
                 _registered_method=True)
+        self.DownloadDataset = channel.unary_stream(
+                '/mlmesh.v1.RegistryService/DownloadDataset',
+                request_serializer=mlmesh_dot_v1_dot_registry__pb2.DownloadDatasetRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_v1_dot_registry__pb2.DownloadDatasetResponse.FromString,
+                _registered_method=True)
         self.ListDatasets = channel.unary_unary(
                 '/mlmesh.v1.RegistryService/ListDatasets',
                 request_serializer=mlmesh_dot_v1_dot_registry__pb2.ListDatasetsRequest.SerializeToString,
@@ -232,6 +237,13 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadDataset(self, request, context):
+        """The dataset's file: a header naming it, then its bytes in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListDatasets(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -333,6 +345,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.GetDataset,
                     request_deserializer=mlmesh_dot_v1_dot_registry__pb2.GetDatasetRequest.FromString,
                     response_serializer=mlmesh_dot_v1_dot_registry__pb2.GetDatasetResponse.SerializeToString,
+            ),
+            'DownloadDataset': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadDataset,
+                    request_deserializer=mlmesh_dot_v1_dot_registry__pb2.DownloadDatasetRequest.FromString,
+                    response_serializer=mlmesh_dot_v1_dot_registry__pb2.DownloadDatasetResponse.SerializeToString,
             ),
             'ListDatasets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDatasets,
@@ -762,6 +779,33 @@ class RegistryService:
             '/mlmesh.v1.RegistryService/GetDataset',
             mlmesh_dot_v1_dot_registry__pb2.GetDatasetRequest.SerializeToString,
             mlmesh_dot_v1_dot_registry__pb2.GetDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlmesh.v1.RegistryService/DownloadDataset',
+            mlmesh_dot_v1_dot_registry__pb2.DownloadDatasetRequest.SerializeToString,
+            mlmesh_dot_v1_dot_registry__pb2.DownloadDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,8 @@ class RegistryServiceStub:
     RegisterDataset: _grpc.StreamUnaryMultiCallable[_registry_pb2.RegisterDatasetRequest, _registry_pb2.RegisterDatasetResponse]
     """Client streaming: one `metadata` message first, then one CSV or Parquet file."""
     GetDataset: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetDatasetRequest, _registry_pb2.GetDatasetResponse]
+    DownloadDataset: _grpc.UnaryStreamMultiCallable[_registry_pb2.DownloadDatasetRequest, _registry_pb2.DownloadDatasetResponse]
+    """The dataset's file: a header naming it, then its bytes in chunks."""
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListDatasetsRequest, _registry_pb2.ListDatasetsResponse]
     RecordRun: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RecordRunRequest, _registry_pb2.RecordRunResponse]
     GetRun: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetRunRequest, _registry_pb2.GetRunResponse]
@@ -83,6 +85,8 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     RegisterDataset: _aio.StreamUnaryMultiCallable[_registry_pb2.RegisterDatasetRequest, _registry_pb2.RegisterDatasetResponse]  # type: ignore[assignment]
     """Client streaming: one `metadata` message first, then one CSV or Parquet file."""
     GetDataset: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetDatasetRequest, _registry_pb2.GetDatasetResponse]  # type: ignore[assignment]
+    DownloadDataset: _aio.UnaryStreamMultiCallable[_registry_pb2.DownloadDatasetRequest, _registry_pb2.DownloadDatasetResponse]  # type: ignore[assignment]
+    """The dataset's file: a header naming it, then its bytes in chunks."""
     ListDatasets: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListDatasetsRequest, _registry_pb2.ListDatasetsResponse]  # type: ignore[assignment]
     RecordRun: _aio.UnaryUnaryMultiCallable[_registry_pb2.RecordRunRequest, _registry_pb2.RecordRunResponse]  # type: ignore[assignment]
     GetRun: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetRunRequest, _registry_pb2.GetRunResponse]  # type: ignore[assignment]
@@ -200,6 +204,14 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.GetDatasetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.GetDatasetResponse, _abc.Awaitable[_registry_pb2.GetDatasetResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DownloadDataset(
+        self,
+        request: _registry_pb2.DownloadDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_registry_pb2.DownloadDatasetResponse], _abc.AsyncIterator[_registry_pb2.DownloadDatasetResponse]]:
+        """The dataset's file: a header naming it, then its bytes in chunks."""
 
     @_abc_1.abstractmethod
     def ListDatasets(
