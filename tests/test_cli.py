@@ -232,3 +232,54 @@ def test_serve_refuses_a_worker_count_below_one() -> None:
     result = mlmesh("serve", "registry", "--workers", "0", env={**clean_environment()})
     assert result.returncode == 2
     assert "--workers" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def deployer_cli(registry_process: RegistryProcess, tmp_path_factory: pytest.TempPathFactory):
+    """Invoke `mlmesh ...` against a real deployer (MLMESH_DEPLOYER_ADDRESS); returns the Result."""
+    from tests.deployer.processes import running_deployer
+
+    with running_deployer(tmp_path_factory.mktemp("cli-deployer"), registry_process) as deployer:
+
+        def invoke(*arguments: str):
+            return runner.invoke(app, list(arguments), env={"MLMESH_DEPLOYER_ADDRESS": deployer.address})
+
+        yield invoke
+
+
+def test_deploy_commands_create_show_shift_log_and_delete(deployer_cli, registry_process, tmp_path: Path) -> None:
+    from tests.runtime.conftest import register_adder
+
+    ref = register_adder(registry_process, tmp_path)
+    created = json_of(deployer_cli("deploy", "create", "cli-ep", ref, "--json"))
+    assert created["name"] == "cli-ep" and created["grpc_address"] and created["http_address"]
+    assert created["traffic"] == {"blue": 100}
+    (blue,) = created["deployments"]
+    assert (blue["name"], blue["model"], blue["version"], blue["status"]) == ("blue", "adder", int(ref[6:]), "READY")
+    assert blue["resources"] == {"cpus": 0, "memory_mb": 0}
+
+    green = json_of(deployer_cli("deploy", "create", "cli-ep", ref, "--deployment", "green", "--cpus", "1", "--json"))
+    assert green["traffic"] == {"blue": 100, "green": 0}
+    shifted = json_of(deployer_cli("deploy", "traffic", "cli-ep", "blue=20", "green=80", "--json"))
+    assert shifted["traffic"] == {"blue": 20, "green": 80}
+    wrong = deployer_cli("deploy", "traffic", "cli-ep", "blue=20", "green=20")
+    assert wrong.exit_code == 1 and "sum to 100" in wrong.stderr
+    listed = json_of(deployer_cli("deploy", "list", "--json"))
+    assert [endpoint["name"] for endpoint in listed] == ["cli-ep"]
+    logs = json_of(deployer_cli("deploy", "logs", "cli-ep", "green", "--json"))
+    assert any("serving adder" in line for line in logs["lines"])
+    shown = deployer_cli("deploy", "show", "cli-ep")
+    assert "green" in shown.stdout and "80%" in shown.stdout
+
+    refused = deployer_cli("deploy", "delete", "cli-ep", "--deployment", "blue")
+    assert refused.exit_code == 1 and "shift it first" in refused.stderr
+    assert json_of(deployer_cli("deploy", "delete", "cli-ep", "--json"))["deleted"] is True
+    missing = deployer_cli("deploy", "show", "cli-ep")
+    assert missing.exit_code == 1 and "does not exist" in missing.stderr
+
+
+def test_deploy_commands_say_when_the_deployer_is_away() -> None:
+    result = runner.invoke(
+        app, ["deploy", "list"], env={"MLMESH_DEPLOYER_ADDRESS": f"127.0.0.1:{natsserver.free_port()}"}
+    )
+    assert result.exit_code == 2 and "cannot reach the deployer" in result.stderr

@@ -378,6 +378,7 @@ Build = Callable[[Any], ServiceRuntime]
 async def run_service(settings: ServiceSettings, build: Build) -> None:
     """Run a service in this process and, when `settings.workers` > 1, in as many worker
     processes in all, listening on the same port; the workers stop when this process stops."""
+    _configure_logging(settings)
     if settings.workers == 1:
         await build(settings).run()
         return
