@@ -7,6 +7,9 @@ are named as strings so that domain code never imports grpc.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 
 class MlmeshError(Exception):
     """Base of every error a caller should see; `code` names the gRPC status."""
@@ -108,3 +111,23 @@ HTTP_STATUS = {
 def http_status(error: MlmeshError) -> int:
     """The HTTP status of `error` (500 for what the caller cannot fix)."""
     return HTTP_STATUS.get(error.code, 500)
+
+
+def http_error_middleware(too_large: str = "") -> Any:
+    """aiohttp middleware that answers errors as the Open Inference Protocol's REST API says: a 4xx
+    or 5xx status with `{"error": "..."}`; `too_large` replaces the message of a 413."""
+    from aiohttp import web  # only the HTTP servers need aiohttp
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
+        try:
+            return await handler(request)
+        except MlmeshError as error:
+            return web.json_response({"error": error.message}, status=http_status(error))
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            message = too_large if too_large and isinstance(error, web.HTTPRequestEntityTooLarge) else error.reason
+            return web.json_response({"error": message}, status=error.status)
+
+    return middleware

@@ -230,17 +230,19 @@ def build_server(
     port: int,
     max_message_bytes: int,
     share_port: bool = False,
+    traced: bool = True,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """An unstarted grpc.aio server with the given servicers, health and reflection.
 
     `registrations` holds (add_XServicer_to_server, servicer, full service name) triples.
     `share_port` lets the worker processes of one service listen on the same port; otherwise a
-    taken port is an error. Returns the server, the bound port and the health servicer (set
-    SERVING once ready).
+    taken port is an error. `traced=False` leaves out the server span of every call, for a proxy
+    that passes the caller's trace context on and must not pay for a span per call. Returns the
+    server, the bound port and the health servicer (set SERVING once ready).
     """
     telemetry.setup(service)
     server = grpc.aio.server(
-        interceptors=[TracingInterceptor(service), ErrorInterceptor()],
+        interceptors=[TracingInterceptor(service), ErrorInterceptor()] if traced else [ErrorInterceptor()],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -347,10 +349,13 @@ def service_runtime(
     name: str,
     settings: ServiceSettings,
     registrations: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
+    *,
+    traced: bool = True,
     **parts: Any,
 ) -> ServiceRuntime:
     """A service's gRPC server, configured from its settings (host, port, message size, workers),
-    with what runs beside it (`parts`: database, outbox, background, leader_background)."""
+    with what runs beside it (`parts`: database, outbox, background, leader_background);
+    `traced` as in build_server."""
     server, port, health_servicer = build_server(
         name,
         registrations,
@@ -358,6 +363,7 @@ def service_runtime(
         port=settings.port,
         max_message_bytes=settings.max_message_bytes,
         share_port=settings.workers > 1,
+        traced=traced,
     )
     return ServiceRuntime(
         name=name,

@@ -492,35 +492,42 @@ class Deployer:
             replica.message = ""
             session.add(replica)
 
-    def replica_ready(self, deployment_id: int, index: int, endpoint_addresses: tuple[str, str]) -> None:
-        """A replica answered its health check; the deployment is ready once all have."""
+    def replica_ready(self, deployment_id: int, index: int) -> None:
+        """A replica answered its health check: the router may send it requests."""
         with self.database.transaction() as session:
             replica = session.get(ReplicaRow, (deployment_id, index))
-            row = session.get(DeploymentRow, deployment_id)
-            if replica is None or row is None:
+            if replica is None:
                 return
             replica.failed_checks = 0
             if replica.status != REPLICA_READY:
                 replica.status = REPLICA_READY
                 replica.message = ""
-                session.add(replica)
-                session.flush()
+            session.add(replica)
+
+    def deployment_routed(self, deployment_id: int, endpoint_addresses: tuple[str, str]) -> None:
+        """The router has loaded routes holding every replica of the deployment: it is ready
+        (a caller told so can send requests at once)."""
+        with self.database.transaction() as session:
+            row = session.get(DeploymentRow, deployment_id)
+            if row is None or row.status not in (CREATING, UNHEALTHY):
+                return
             replicas = self._replicas(session, deployment_id)
-            if row.status in (CREATING, UNHEALTHY) and all(r.status == REPLICA_READY for r in replicas):
-                row.status = READY
-                row.message = ""
-                row.was_ready = True
-                row.updated_at = time.time()
-                session.add(row)
-                grpc_address, http_address = endpoint_addresses
-                self._emit(
-                    session,
-                    row,
-                    events.DeploymentReady,
-                    replicas=len(replicas),
-                    grpc_address=grpc_address,
-                    http_address=http_address,
-                )
+            if not all(replica.status == REPLICA_READY for replica in replicas):
+                return
+            row.status = READY
+            row.message = ""
+            row.was_ready = True
+            row.updated_at = time.time()
+            session.add(row)
+            grpc_address, http_address = endpoint_addresses
+            self._emit(
+                session,
+                row,
+                events.DeploymentReady,
+                replicas=len(replicas),
+                grpc_address=grpc_address,
+                http_address=http_address,
+            )
 
     def replica_down(self, deployment_id: int, index: int, reason: str, backoff: Callable[[int], float]) -> None:
         """A replica died or stopped answering: schedule its restart, or fail the deployment when

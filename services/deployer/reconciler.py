@@ -118,9 +118,20 @@ class Reconciler:
             if row.target == "kubernetes":
                 await self._reconcile_cluster(row)
                 continue
-            await asyncio.gather(*(self._reconcile_replica(row, replica, addresses) for replica in replicas))
+            await asyncio.gather(*(self._reconcile_replica(row, replica) for replica in replicas))
         deployments = await self._db(self.deployer.deployment_rows, endpoint.name)
         generation = await self._write_routes(endpoint.name, routes_for(endpoint.name, deployments))
+        settling = [
+            row
+            for row, replicas in deployments
+            if row.status in (domain.CREATING, domain.UNHEALTHY)
+            and row.target != "kubernetes"
+            and all(replica.status == domain.REPLICA_READY for replica in replicas)
+        ]
+        if settling:
+            await self._routes_loaded(endpoint.name, generation)
+            for row in settling:
+                await self._db(self.deployer.deployment_routed, row.id, addresses)
         leaving = [
             (row, replicas)
             for row, replicas in deployments
@@ -133,13 +144,16 @@ class Reconciler:
             if row.target == "kubernetes":
                 await asyncio.to_thread(self._remove_from_cluster, row)
             await asyncio.gather(*(self._stop_replica(row, replica) for replica in replicas if replica.instance))
-            if row.status == domain.DELETING:
-                await self._db(self.deployer.finish_delete, endpoint.name, row.name)
-        if await self._db(self.deployer.endpoint_gone, endpoint.name):
+        if all(row.status == domain.DELETING for row, _ in deployments):
+            # The endpoint goes with its last deployment: its router first, so that once the
+            # deletion is visible nothing of the endpoint runs any more.
             await asyncio.to_thread(local.stop, endpoint.router_instance, local.ROUTER_MODULE)
             self._written.pop(endpoint.name, None)
             for path in (self.routes_file(endpoint.name), self._loaded_file(endpoint.name)):
                 path.unlink(missing_ok=True)
+        for row, _ in leaving:
+            if row.status == domain.DELETING:
+                await self._db(self.deployer.finish_delete, endpoint.name, row.name)
 
     # ------------------------------------------------------------ the kubernetes target
 
@@ -205,7 +219,7 @@ class Reconciler:
         await self._db(self.deployer.router_started, endpoint.name, instance)
         log.info("endpoint %s: router started (%s) on 127.0.0.1:%s", endpoint.name, instance, endpoint.grpc_port)
 
-    async def _reconcile_replica(self, row: DeploymentRow, replica: ReplicaRow, addresses: tuple[str, str]) -> None:
+    async def _reconcile_replica(self, row: DeploymentRow, replica: ReplicaRow) -> None:
         assert row.id is not None
         now = time.time()
         if not replica.instance:
@@ -232,7 +246,7 @@ class Reconciler:
         status = await asyncio.to_thread(health_status, f"127.0.0.1:{replica.grpc_port}", RUNTIME_SERVICE, 1.0)
         if status == "SERVING":
             if replica.status != domain.REPLICA_READY or replica.failed_checks:
-                await self._db(self.deployer.replica_ready, row.id, replica.index, addresses)
+                await self._db(self.deployer.replica_ready, row.id, replica.index)
             return
         if replica.status == domain.STARTING:
             if now - replica.started_at > self.ready_timeout_seconds:

@@ -113,3 +113,7 @@ class RouterSettings(ServiceSettings):
 
     mirror_max_in_flight: int = Field(default=64, ge=1)
     """Mirrored copies in flight at most; beyond, copies are dropped (and counted)."""
+
+    mirror_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Longest a mirrored copy may take; its answer is discarded anyway, so a slow mirror only
+    holds one of the `mirror_max_in_flight` places that long."""

@@ -17,7 +17,7 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.common import telemetry
-from services.common.errors import InvalidArgument, MlmeshError, http_status
+from services.common.errors import InvalidArgument, http_error_middleware
 from services.runtime import domain
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -30,7 +30,7 @@ def build_app(
     max_body_bytes: int,
     capture: domain.CaptureQueue | None = None,
 ) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[_traced, _errors])
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[_traced, http_error_middleware()])
     routes = web.RouteTableDef()
 
     @routes.get("/metrics")
@@ -113,19 +113,6 @@ async def _traced(request: web.Request, handler: Callable[[web.Request], Awaitab
         response = await handler(request)
         span.set_attribute("http.response.status_code", response.status)
         return response
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
-    """Errors answer as the protocol says: a 4xx or 5xx status with `{"error": "..."}`."""
-    try:
-        return await handler(request)
-    except MlmeshError as error:
-        return web.json_response({"error": error.message}, status=http_status(error))
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
-        return web.json_response({"error": error.reason}, status=error.status)
 
 
 def _model(store: domain.ModelStore, request: web.Request) -> domain.LoadedModel:
