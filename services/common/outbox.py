@@ -156,14 +156,20 @@ class Relay:
         connection = await bus.connect_with_retry(self.nats_url, name="outbox-relay")
         try:
             jetstream = connection.jetstream(timeout=self.publish_timeout)
-            await bus.ensure_stream(jetstream)
             backoff = 0.1
+            stream_checked = False
             while True:
                 try:
+                    if not stream_checked:
+                        # Inside the retry loop: NATS may go away between connecting and this call,
+                        # and a stream deleted meanwhile is made again.
+                        await bus.ensure_stream(jetstream)
+                        stream_checked = True
                     await self.catch_up(jetstream)
                     backoff = 0.1
                     await self.live(jetstream)
                 except Exception as error:  # NATS or the database is away: wait and retry
+                    stream_checked = False
                     log.warning("outbox relay: %s; retrying in %.1fs", error, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)

@@ -18,6 +18,7 @@ import pytest
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent as SdkCloudEvent
 from faststream.nats import NatsBroker
+from nats.js.errors import NotFoundError
 
 from services._proto.mlmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.common import bus, events, natsserver
@@ -39,6 +40,22 @@ def stop(process) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         process.wait(20)
+
+
+async def stream_made_again(nats_url: str, timeout: float = 60) -> None:
+    connection = await nats.connect(nats_url)
+    try:
+        jetstream = connection.jetstream()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await jetstream.stream_info(events.STREAM)
+                return
+            except NotFoundError:
+                assert time.monotonic() < deadline, "the relay did not make the event stream again"
+                await asyncio.sleep(0.1)
+    finally:
+        await connection.close()
 
 
 async def outage_report(home: Path, nats_url: str, received: Counter[int]) -> str:
@@ -79,6 +96,7 @@ async def test_events_registered_while_nats_is_down_all_arrive_once_after_it_ret
         async def on_registered(event: events.CloudEvent) -> None:
             received[event.data["version"]] += 1
 
+        await stream_made_again(nats_server.url)  # by the registry's relay, once NATS is back
         broker = NatsBroker(nats_server.url)
         bus.subscribe_events(
             broker, database, durable="outage-test", handler=on_registered, subject="mlmesh.events.model.registered"
