@@ -2,7 +2,7 @@
 
 Prints one JSON document to stdout; progress goes to stderr. Run from the repository root:
 
-    .venv/bin/python bench/serving.py                 # full run (about 2 min)
+    .venv/bin/python bench/serving.py                 # full run (about 2.5 min)
     .venv/bin/python bench/serving.py --quick         # short run, to check that everything works
     .venv/bin/python bench/serving.py --profile /tmp/profiles
 
