@@ -220,10 +220,10 @@ def _drive(coroutine: Any) -> Any:
 
 
 async def in_process_breakdown(model: Model, plan: Plan) -> dict[str, Any]:
-    """Per-call cost of each step of a single-row ModelInfer, in this process without gRPC: the
-    floor's handler against the runtime's own steps (services.runtime.servicer and domain, the
-    interceptors of services.common.server), one call at a time. Parts are timed in turn, 5 times,
-    and the median kept, so that a noisy moment weighs on every part alike."""
+    """Per-call cost of each step of one ModelInfer (single row, and 1,000 raw rows), in this process
+    without gRPC: the floor's handler against the runtime's own steps (services.runtime.servicer and
+    domain, the interceptors of services.common.server), one call at a time. Parts are timed in
+    turn, 5 times, and the median kept, so that a noisy moment weighs on every part alike."""
     import statistics
 
     from floor import FloorServicer
@@ -393,10 +393,6 @@ class Server:
     roles: dict[int, str] = field(default_factory=dict)
     """What each process is, when there are several (their CPU is then also given one by one)."""
 
-    @property
-    def port(self) -> int:
-        return int(self.address.rpartition(":")[2])
-
     def cpu_seconds(self) -> dict[int, float | None]:
         """CPU seconds so far of each of its processes (with their children)."""
         return {pid: cpu_seconds(pid) for pid in self.pids}
@@ -524,13 +520,13 @@ class Endpoint:
     home: Path
     server: Server | None = None
     setup_seconds: float | None = None
-    children: list[int] = field(default_factory=list)
 
     def stop(self) -> None:
         with contextlib.suppress(Exception), DeployerClient(self.address, actor="bench", timeout=60) as client:
             client.delete(MODEL_NAME)
         stop_process(self.deployer)
-        for pid in self.children:  # anything the deployer left running
+        # Anything the deployer left running, found again by its command and MLMESH_HOME.
+        for pid in processes_of(self.home, ROUTER_MODULE) + processes_of(self.home, "services.runtime"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
@@ -572,11 +568,10 @@ async def start_endpoint(home: Path, registry_address: str, nats_url: str, ref: 
                 await asyncio.sleep(0.2)
         routers = processes_of(home, ROUTER_MODULE)
         replicas = processes_of(home, "services.runtime")
-        endpoint.children = routers + replicas
         endpoint.server = Server(
             "router",
             found.grpc_address,
-            endpoint.children,
+            routers + replicas,
             "endpoint `bench` of python -m services.deployer (local target, 1 replica: a runtime with default "
             "settings), called at the router's grpc_address; CPU counts the router and the replica",
             None,
@@ -586,7 +581,6 @@ async def start_endpoint(home: Path, registry_address: str, nats_url: str, ref: 
         endpoint.setup_seconds = round(time.perf_counter() - started, 2)
         return endpoint
     except BaseException:
-        endpoint.children = processes_of(home, ROUTER_MODULE) + processes_of(home, "services.runtime")
         await asyncio.to_thread(endpoint.stop)
         raise
 
