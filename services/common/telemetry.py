@@ -9,16 +9,26 @@ from typing import Any
 from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
 _configured = False
 
 
 def setup(service_name: str) -> None:
-    """Install the process's TracerProvider once (one process runs one service)."""
+    """Install the process's TracerProvider once (one process runs one service).
+
+    A call whose caller sent a sampled `traceparent` gets recorded spans that continue it; a call
+    that starts a trace of its own gets a span that is not recorded (its context still travels on,
+    through gRPC, the outbox and NATS). Recording every span costs each call tens of microseconds,
+    and no one would read those spans: no exporter is configured.
+    """
     global _configured
     if _configured:
         return
-    trace.set_tracer_provider(TracerProvider(resource=Resource.create({"service.name": service_name})))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service_name}), sampler=ParentBased(root=ALWAYS_OFF)
+    )
+    trace.set_tracer_provider(provider)
     _configured = True
 
 

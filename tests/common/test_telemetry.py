@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import nats
 
+from services.common import telemetry
 from tests.registry.uploads import model_upload
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -21,3 +22,15 @@ async def test_traceparent_flows_from_grpc_metadata_to_the_event_headers(registr
     version, trace_id, span_id, flags = message.headers["traceparent"].split("-")
     assert (version, trace_id, flags) == ("00", TRACE_ID, "01")
     assert span_id != "00f067aa0ba902b7"  # the registry's own span, a child of the caller's
+
+
+def test_spans_are_recorded_when_the_caller_samples_its_trace_and_not_otherwise():
+    telemetry.setup("test")
+    tracer = telemetry.tracer("test")
+    sampled = telemetry.extract_context({"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"})
+    with tracer.start_as_current_span("continued", context=sampled) as continued:
+        assert continued.is_recording()
+        assert telemetry.inject_headers()["traceparent"].startswith(f"00-{TRACE_ID}-")
+    with tracer.start_as_current_span("own trace", context=telemetry.extract_context({})) as own:
+        assert not own.is_recording()
+        assert own.get_span_context().trace_id != 0  # its context still travels on
