@@ -578,6 +578,7 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self._series: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
 
     @contextmanager
     def observed(self, protocol: str, name: str, version: str) -> Iterator[None]:
@@ -597,8 +598,12 @@ class Metrics:
             if self.store.serves(name):
                 model = name
                 served = "newest" if not version else (version if self.store.serves(name, version) else "unknown")
-            self.requests.labels(model, served, protocol, code).inc()
-            self.latency.labels(model, served, protocol).observe(time.perf_counter() - started)
+            key = (model, served, protocol, code)
+            series = self._series.get(key)
+            if series is None:  # labels() takes a lock and builds a key each time: keep the series
+                series = self._series[key] = (self.requests.labels(*key), self.latency.labels(*key[:3]))
+            series[0].inc()
+            series[1].observe(time.perf_counter() - started)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format."""
