@@ -295,16 +295,24 @@ def _start_service(
         )
     log_file = home / "logs" / f"{name}.log"
     offset = log_file.stat().st_size if log_file.exists() else 0
+    # In a session of its own: it survives the terminal of `up --detach`; Ctrl-C is ours to relay.
+    process = spawn_module(module, _child_environment(home, nats_url, extra), log_file)
+    return process, dialable(host, port), log_file, offset
+
+
+def spawn_module(module: str, environment: dict[str, str], log_file: Path) -> subprocess.Popen[bytes]:
+    """`python -m module` in a session of its own (its group can be signalled as one, and it
+    outlives its starter), output appended to `log_file`."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as log:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", module],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=_child_environment(home, nats_url, extra),
-            start_new_session=True,  # survives the terminal of `up --detach`; Ctrl-C is ours to relay
+            env=environment,
+            start_new_session=True,
         )
-    return process, dialable(host, port), log_file, offset
 
 
 def _wait_serving(

@@ -287,6 +287,7 @@ class Scorer:
             from services._proto.inference import open_inference_pb2_grpc
 
             self.channel = grpc.insecure_channel(settings.endpoint_address)
+            self.input_name = ""
             self.stub = open_inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
             self.dtype = np.dtype(np.float32)
 
@@ -301,9 +302,11 @@ class Scorer:
         from services._proto.inference import open_inference_pb2 as oip
         from services.runtime import domain as runtime_domain
 
-        metadata = self.stub.ModelMetadata(oip.ModelMetadataRequest(name=self.settings.endpoint), timeout=30)
+        if not self.input_name:  # asked once: the endpoint's input does not change during a job
+            metadata = self.stub.ModelMetadata(oip.ModelMetadataRequest(name=self.settings.endpoint), timeout=30)
+            self.input_name = metadata.inputs[0].name
         request = oip.ModelInferRequest(model_name=self.settings.endpoint)
-        request.inputs.add(name=metadata.inputs[0].name, datatype="FP32", shape=list(features.shape))
+        request.inputs.add(name=self.input_name, datatype="FP32", shape=list(features.shape))
         request.raw_input_contents.append(np.ascontiguousarray(features, dtype=np.float32).tobytes())
         answer = self.stub.ModelInfer(request, timeout=120)
         outputs = {}

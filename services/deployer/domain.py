@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import delete, func
+from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
-from services.common import events
+from services.common import events, paging
 from services.common.db import Database
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.outbox import Outbox
@@ -699,7 +699,8 @@ class Deployer:
             return _batch_view(self._batch(session, job_id))
 
     def list_batch_jobs(self, page_size: int, page_token: str) -> tuple[list[BatchJobView], str]:
-        page_size = min(page_size or 100, 1000)
+        """A page of jobs, newest first; the token is the last id of the page before."""
+        page_size = paging.page_size(page_size)
         with self.database.session() as session:
             query = select(BatchJobRow).order_by(col(BatchJobRow.id).desc()).limit(page_size + 1)
             if page_token:
@@ -733,7 +734,8 @@ class Deployer:
             return self._endpoint_view(session, self._endpoint(session, name))
 
     def list_endpoints(self, page_size: int, page_token: str) -> tuple[list[EndpointView], str]:
-        page_size = min(page_size or 100, 1000)
+        """A page of endpoints by name; the token is the last name of the page before."""
+        page_size = paging.page_size(page_size)
         with self.database.session() as session:
             query = select(EndpointRow).order_by(col(EndpointRow.name)).limit(page_size + 1)
             if page_token:
@@ -755,10 +757,6 @@ class Deployer:
     def deployment_view(self, endpoint: str, deployment: str) -> DeploymentView:
         with self.database.session() as session:
             return self._view(session, self._deployment(session, endpoint, deployment))
-
-    def count(self) -> int:
-        with self.database.session() as session:
-            return session.exec(select(func.count()).select_from(DeploymentRow)).one()
 
     # ------------------------------------------------------------ helpers
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.natsserver import free_port
-from services.launcher import is_alive, record_process, terminate
+from services.launcher import is_alive, record_process, spawn_module, terminate
 
 RUNTIME_MODULE = "services.runtime"
 ROUTER_MODULE = "services.deployer.router"
@@ -116,21 +115,13 @@ class LocalProcesses:
         return instance_of(self.spawn(ROUTER_MODULE, environment, self.router_log(endpoint), f"{endpoint}-router"))
 
     def spawn(self, module: str, settings: dict[str, str], log: Path, name: str) -> subprocess.Popen[bytes]:
-        log.parent.mkdir(parents=True, exist_ok=True)
         environment = {"MLMESH_HOME": str(self.home), "MLMESH_LOG_LEVEL": self.log_level, **settings}
         if self.nats_url:
             environment["MLMESH_NATS_URL"] = self.nats_url
-        # The child inherits PATH and the like; its MLMESH_* settings are the ones above.
+        # The child inherits PATH and the like; its MLMESH_* settings are the ones above. Its own
+        # session lets it outlive the deployer, which adopts it again on restart.
         inherited = {name: value for name, value in os.environ.items() if not name.startswith("MLMESH_")}
-        with log.open("ab") as output:
-            process = subprocess.Popen(
-                [sys.executable, "-m", module],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**inherited, **environment},
-                start_new_session=True,  # outlives the deployer, which re-adopts it on restart
-            )
+        process = spawn_module(module, {**inherited, **environment}, log)
         record_process(self.home, f"endpoint-{name}", process.pid, module)
         return process
 

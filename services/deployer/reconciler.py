@@ -181,24 +181,29 @@ class Reconciler:
         """Render the deployment's manifests (kept under <home>), and apply them to the cluster
         when a kubeconfig is configured; again whenever they change."""
         assert row.id is not None
+        message = await asyncio.to_thread(self._sync_cluster, row)  # files and the cluster's API block
+        if message is not None:
+            await self._db(self.deployer.deployment_message, row.id, message)
+
+    def _sync_cluster(self, row: DeploymentRow) -> str | None:
+        """What to tell of the deployment after bringing the cluster in line; None: nothing new."""
         manifests = kubernetes.render(self.cluster_spec(row))
         text = kubernetes.to_yaml(manifests)
         path = self.manifests_file(row)
         if path.exists() and path.read_text() == text and row.message:
-            return
+            return None
         kubeconfig = self.cluster.kubeconfig
         if kubeconfig is None:
             message = f"manifests rendered at {path}; set MLMESH_DEPLOYER_KUBECONFIG to apply them, or kubectl apply -f"
         else:
             try:
-                await asyncio.to_thread(kubernetes.apply, manifests, kubeconfig, self.cluster.kubernetes_namespace)
+                kubernetes.apply(manifests, kubeconfig, self.cluster.kubernetes_namespace)
             except kubernetes.KubernetesError as error:
-                await self._db(self.deployer.deployment_message, row.id, f"applying to the cluster failed: {error}")
-                return  # retried next pass: nothing is written until it applied
+                return f"applying to the cluster failed: {error}"  # retried next pass: nothing written yet
             message = f"applied to the cluster of {kubeconfig} (namespace {self.cluster.kubernetes_namespace})"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        await self._db(self.deployer.deployment_message, row.id, message)
+        return message
 
     def _remove_from_cluster(self, row: DeploymentRow) -> None:
         if self.cluster.kubeconfig is not None:

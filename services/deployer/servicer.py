@@ -151,8 +151,6 @@ class DeployerServicer(deployer_pb2_grpc.DeployerServiceServicer):
         return deployer_pb2.GetEndpointResponse(endpoint=endpoint_to_proto(view))
 
     async def ListEndpoints(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative", field="page_size")
         views, token = await self._run(self.deployer.list_endpoints, request.page_size, request.page_token)
         return deployer_pb2.ListEndpointsResponse(
             endpoints=[endpoint_to_proto(view) for view in views], next_page_token=token
@@ -213,8 +211,6 @@ class DeployerServicer(deployer_pb2_grpc.DeployerServiceServicer):
         return deployer_pb2.GetBatchJobResponse(job=batch_job_to_proto(view))
 
     async def ListBatchJobs(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative", field="page_size")
         views, token = await self._run(self.deployer.list_batch_jobs, request.page_size, request.page_token)
         return deployer_pb2.ListBatchJobsResponse(
             jobs=[batch_job_to_proto(view) for view in views], next_page_token=token
