@@ -8,8 +8,9 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,12 +170,7 @@ def registry_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regis
     try:
         yield RegistryProcess(f"127.0.0.1:{port}", nats.url, home)
     finally:
-        service.terminate()
-        try:
-            service.wait(10)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            service.wait()
+        stop_process(service)
         nats.stop()
 
 
@@ -191,19 +187,55 @@ def spawn_registry(
     }
     if nats_url:
         env["MLMESH_NATS_URL"] = nats_url
-    home.mkdir(parents=True, exist_ok=True)
-    log = (home / "registry.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.registry"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    health = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while health_status(health, "mlmesh.v1.RegistryService", timeout=1) != "SERVING":
+    address = f"127.0.0.1:{port}"
+    return spawn_service("services.registry", env, home / "registry.log", address, "mlmesh.v1.RegistryService")
+
+
+def spawn_service(
+    module: str,
+    environment: dict[str, str],
+    log: Path,
+    address: str,
+    grpc_service: str,
+    *,
+    also_ready: Callable[[], bool] = lambda: True,
+    timeout: float = 30,
+) -> subprocess.Popen[bytes]:
+    """`python -m module` with `environment`, its output appended to `log`; returns once the gRPC
+    health of `address` says `grpc_service` is SERVING (and `also_ready()`), else fails showing
+    the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module], cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + timeout
+    while health_status(address, grpc_service, timeout=1) != "SERVING" or not also_ready():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"the registry did not start:\n{(home / 'registry.log').read_text()}")
-        time.sleep(0.1)
+            raise RuntimeError(f"{module} did not start:\n{log.read_text(errors='replace')[-5000:]}")
+        time.sleep(0.05)
     return process
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM (the service drains and stops), then SIGKILL if it has not stopped in `timeout`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def answers_http(address: str, path: str) -> bool:
+    """Whether GET http://address/path answers 200 (the REST side of a service is up)."""
+    try:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=1) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

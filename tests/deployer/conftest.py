@@ -7,9 +7,7 @@ import io
 import json
 import os
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,7 @@ from onnx import TensorProto, helper
 
 from services.client import RegistryClient
 from services.common import natsserver
-from services.launcher import health_status
-from tests.conftest import ROOT, RegistryProcess, clean_environment
+from tests.conftest import RegistryProcess, answers_http, clean_environment, spawn_service, stop_process
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 RUNNING_ROUTERS: list[RouterProcess] = []
@@ -93,14 +90,6 @@ class RouterProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _answers(http: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{http}/v2/health/live", timeout=1) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def spawn_router(routes_file: Path, log: Path, **settings: str) -> Iterator[RouterProcess]:
     """`python -m services.deployer.router` for `routes_file` on free ports; `settings` become
@@ -115,34 +104,22 @@ def spawn_router(routes_file: Path, log: Path, **settings: str) -> Iterator[Rout
         "MLMESH_ROUTER_POLL_SECONDS": "0.05",
         **{f"MLMESH_ROUTER_{name.upper()}": value for name, value in settings.items()},
     }
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.deployer.router"],
-            cwd=ROOT,
-            env=environment,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    router = RouterProcess(f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", routes_file, log, process)
-    deadline = time.monotonic() + 30
-    while health_status(router.grpc, INFERENCE_SERVICE, timeout=1) != "SERVING" or not _answers(router.http):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"the router did not start:\n{router.log_text()}")
-        time.sleep(0.05)
+    grpc_address, http_address = f"127.0.0.1:{port}", f"127.0.0.1:{http_port}"
+    process = spawn_service(
+        "services.deployer.router",
+        environment,
+        log,
+        grpc_address,
+        INFERENCE_SERVICE,
+        also_ready=lambda: answers_http(http_address, "/v2/health/live"),
+    )
+    router = RouterProcess(grpc_address, http_address, routes_file, log, process)
     RUNNING_ROUTERS.append(router)
     try:
         yield router
     finally:
         RUNNING_ROUTERS.remove(router)
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
 
 
 @pytest.hookimpl(wrapper=True)

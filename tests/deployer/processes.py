@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.client import DeployerClient
 from services.common import natsserver
-from services.launcher import health_status
-from tests.conftest import ROOT, RegistryProcess, clean_environment
+from tests.conftest import RegistryProcess, clean_environment, spawn_service, stop_process
 
 SERVICE = "mlmesh.v1.DeployerService"
 
@@ -39,29 +36,13 @@ def start_deployer(home: Path, registry: RegistryProcess, port: int, **settings:
         "MLMESH_DEPLOYER_RECONCILE_SECONDS": "0.2",
         **{f"MLMESH_DEPLOYER_{name.upper()}": value for name, value in settings.items()},
     }
-    home.mkdir(parents=True, exist_ok=True)
-    with (home / "deployer.log").open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.deployer"], cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
-        )
     address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while health_status(address, SERVICE, timeout=1) != "SERVING":
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"the deployer did not start:\n{(home / 'deployer.log').read_text()}")
-        time.sleep(0.1)
+    process = spawn_service("services.deployer", environment, home / "deployer.log", address, SERVICE)
     return DeployerProcess(address, home, process)
 
 
 def stop_deployer(deployer: DeployerProcess) -> None:
-    if deployer.process.poll() is None:
-        deployer.process.terminate()
-        try:
-            deployer.process.wait(20)
-        except subprocess.TimeoutExpired:
-            deployer.process.kill()
-            deployer.process.wait()
+    stop_process(deployer.process)
 
 
 @contextlib.contextmanager

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +12,7 @@ import pytest
 
 from services.client import RegistryClient
 from services.common import natsserver
-from services.launcher import health_status
-from tests.conftest import ROOT, RegistryProcess, clean_environment
+from tests.conftest import RegistryProcess, answers_http, clean_environment, spawn_service, stop_process
 from tests.registry.test_models import tiny_onnx
 
 SERVICE = "inference.GRPCInferenceService"
@@ -54,23 +50,20 @@ def spawn_runtime(home: Path, registry: RegistryProcess, models: str, **settings
     }
     if "nats_url" in settings:
         environment["MLMESH_NATS_URL"] = settings["nats_url"]
-    with (home / "runtime.log").open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.runtime"], cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
-        )
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while health_status(address, SERVICE, timeout=1) != "SERVING" or not _answers(f"127.0.0.1:{http_port}"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"the runtime did not start:\n{(home / 'runtime.log').read_text()}")
-        time.sleep(0.1)
+    address, http = f"127.0.0.1:{port}", f"127.0.0.1:{http_port}"
+    process = spawn_service(
+        "services.runtime",
+        environment,
+        home / "runtime.log",
+        address,
+        SERVICE,
+        also_ready=lambda: answers_http(http, "/v2/health/ready"),
+        timeout=60,
+    )
     try:
-        yield RuntimeProcess(address, f"127.0.0.1:{http_port}", process)
+        yield RuntimeProcess(address, http, process)
     finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(20)
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +72,3 @@ def runtime(registry_process: RegistryProcess, tmp_path_factory: pytest.TempPath
     home = tmp_path_factory.mktemp("runtime-home")
     with spawn_runtime(home, registry_process, register_adder(registry_process, home)) as running:
         yield running
-
-
-def _answers(http: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{http}/v2/health/ready", timeout=1) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
