@@ -140,15 +140,11 @@ class Model:
 
 def train_model(directory: Path) -> Model:
     """RandomForestClassifier(100 trees, depth 8) on the breast cancer data, as ONNX without zipmap."""
-    try:
-        from skl2onnx import convert_sklearn
-        from skl2onnx.common.data_types import FloatTensorType
-        from sklearn.datasets import load_breast_cancer
-        from sklearn.ensemble import RandomForestClassifier
-    except ImportError as error:
-        raise SystemExit(
-            f"bench/serving.py needs scikit-learn and skl2onnx ({error}): .venv/bin/pip install -e '.[bench]'"
-        ) from None
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.ensemble import RandomForestClassifier
+
     features, labels = load_breast_cancer(return_X_y=True)
     features = features.astype(np.float32)
     started = time.perf_counter()
