@@ -252,7 +252,7 @@ async def in_process_breakdown(model: Model, plan: Plan) -> dict[str, Any]:
         return await errors.intercept_service(found, details)
 
     details = _CallDetails(f"/{INFER_METHOD}", (("user-agent", "h2load"),))
-    capture = domain.CaptureQueue(1_000_000, 256, metrics)
+    capture = domain.CaptureQueue(1_000_000, 256, metrics, capacity_bytes=1 << 62)
     max_elements = 16 * 1024 * 1024
 
     sizes: list[int] = []
@@ -277,7 +277,7 @@ async def in_process_breakdown(model: Model, plan: Plan) -> dict[str, Any]:
             for _ in range(batch):
                 capture.offer(loaded, "", inputs.values(), outputs)
                 rows.append(capture._rows.popleft())
-            sizes.append(len(domain.capture_message(rows)))
+            sizes.append(sum(len(payload) for payload in domain.capture_messages(rows, 1 << 20).payloads))
 
         return {
             "floor_handler_inline": lambda: _drive(floor_inline.ModelInfer(request, None)),
@@ -331,8 +331,9 @@ async def in_process_breakdown(model: Model, plan: Plan) -> dict[str, Any]:
             "inline (decode, run, encode); runtime_* = the runtime's steps of one ModelInfer: "
             "tensors_from_request, LoadedModel.check, LoadedModel.infer, response_for, Metrics.observed, and "
             "the TracingInterceptor + ErrorInterceptor wrapping of one call around a no-op handler; "
-            "capture_per_request = CaptureQueue.offer + capture_message per request (single rows in messages "
-            "of 256 requests, 1,000-row requests one per message), and the JSON bytes each request adds; "
+            "capture_per_request = CaptureQueue.offer + capture_messages per request (single rows in messages "
+            "of 256 requests, 1,000-row requests one per message, messages below 1 MiB), and the JSON bytes "
+            "each request adds; "
             "thread_hop = one asyncio.to_thread round trip (floor and runtime both pay it)"
         ),
         "single_row": summary(single_row_request(model), plan.breakdown_calls, 256),

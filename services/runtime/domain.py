@@ -7,6 +7,7 @@ into `Tensor`s and back, and nothing here knows about gRPC.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -478,18 +479,23 @@ def _version_order(version: str) -> tuple[int, str]:
 
 class CaptureQueue:
     """Requests and answers waiting to be sent to the capture stream. `offer` never waits and
-    never fails: when the queue is full the row is dropped and counted."""
+    never fails: when the queue holds `capacity` requests or `capacity_bytes` of tensor data, the
+    request is dropped and counted."""
 
-    def __init__(self, capacity: int, batch_rows: int, metrics: Metrics) -> None:
+    def __init__(self, capacity: int, batch_rows: int, metrics: Metrics, capacity_bytes: int = 256 * 1024**2) -> None:
         self.capacity = capacity
+        self.capacity_bytes = capacity_bytes
         self.batch_rows = batch_rows
         self.metrics = metrics
         self._rows: deque[dict[str, Any]] = deque()
+        self._bytes = 0
         self._some = asyncio.Event()
         self._batch = asyncio.Event()
 
     def offer(self, model: LoadedModel, request_id: str, inputs: Iterable[Tensor], outputs: Iterable[Tensor]) -> None:
-        if len(self._rows) >= self.capacity:
+        inputs, outputs = list(inputs), list(outputs)
+        size = sum(tensor.array.nbytes for tensor in inputs) + sum(tensor.array.nbytes for tensor in outputs)
+        if len(self._rows) >= self.capacity or self._bytes + size > self.capacity_bytes:
             self.metrics.capture_rows.labels("dropped").inc()
             return
         self._rows.append(
@@ -498,10 +504,12 @@ class CaptureQueue:
                 "model": model.name,
                 "version": model.version,
                 "time": time.time(),
-                "inputs": list(inputs),
-                "outputs": list(outputs),
+                "inputs": inputs,
+                "outputs": outputs,
+                "bytes": size,
             }
         )
+        self._bytes += size
         self._some.set()
         if len(self._rows) >= self.batch_rows:
             self._batch.set()
@@ -512,6 +520,7 @@ class CaptureQueue:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._batch.wait(), wait_seconds)
         batch = [self._rows.popleft() for _ in range(min(self.batch_rows, len(self._rows)))]
+        self._bytes -= sum(row["bytes"] for row in batch)
         if len(self._rows) < self.batch_rows:
             self._batch.clear()
         if not self._rows:
@@ -519,32 +528,100 @@ class CaptureQueue:
         return batch
 
     def lost(self, rows: int) -> None:
-        """Rows that could not be sent (NATS away): dropped and counted."""
+        """Rows that could not be sent (NATS away, or too large for a message): dropped and counted."""
         self.metrics.capture_rows.labels("dropped").inc(rows)
 
     def sent(self, rows: int) -> None:
         self.metrics.capture_rows.labels("published").inc(rows)
 
 
-def capture_message(rows: list[dict[str, Any]]) -> bytes:
-    """One capture message: `{"rows": [{id, model, version, time, inputs, outputs}]}`, each tensor
-    as `{name, datatype, shape, data}` with data flattened row-major (BYTES as text)."""
+@dataclass
+class CaptureMessages:
+    """A batch of captured requests encoded for NATS: `payloads` each below the size limit,
+    `requests[i]` the requests that `payloads[i]` completes, `too_large` those left out."""
 
-    def tensor(item: Tensor) -> dict[str, Any]:
-        if item.datatype == "BYTES":
-            data = [e.decode(errors="replace") if isinstance(e, bytes) else str(e) for e in item.array.reshape(-1)]
-        else:
-            data = item.array.reshape(-1).tolist()
-        return {"name": item.name, "datatype": item.datatype, "shape": list(item.shape), "data": data}
+    payloads: list[bytes]
+    requests: list[int]
+    too_large: int
 
-    return json.dumps(
-        {
-            "rows": [
-                {**row, "inputs": [tensor(t) for t in row["inputs"]], "outputs": [tensor(t) for t in row["outputs"]]}
-                for row in rows
-            ]
-        }
-    ).encode()
+
+def capture_messages(rows: list[dict[str, Any]], max_bytes: int) -> CaptureMessages:
+    """Pack captured requests into messages of at most `max_bytes`:
+    `{"rows": [{id, model, version, time, inputs, outputs}]}`, each tensor `{name, datatype, shape}`
+    with `raw`, its little-endian row-major bytes in base64 (as OIP's raw contents), or for BYTES
+    `data`, a list of strings. A request too large for one message is split along its first
+    dimension; its pieces carry `offset`, the index of their first row. A request that cannot be
+    split small enough is left out (`too_large`)."""
+    head, tail = b'{"rows":[', b"]}"
+    room = max_bytes - len(head) - len(tail)
+    messages = CaptureMessages([], [], 0)
+    texts: list[str] = []
+    size = completed = 0
+    for row in rows:
+        pieces = _capture_pieces(row, room)
+        if not pieces:
+            messages.too_large += 1
+            continue
+        for index, text in enumerate(pieces):
+            if texts and size + len(text) + 1 > room:
+                messages.payloads.append(head + ",".join(texts).encode() + tail)
+                messages.requests.append(completed)
+                texts, size, completed = [], 0, 0
+            texts.append(text)
+            size += len(text) + 1
+            completed += index == len(pieces) - 1
+    if texts:
+        messages.payloads.append(head + ",".join(texts).encode() + tail)
+        messages.requests.append(completed)
+    return messages
+
+
+def _capture_pieces(row: dict[str, Any], room: int) -> list[str]:
+    """One captured request as JSON texts of at most `room` bytes each (ASCII: one byte a character)."""
+    text = _capture_record(row, row["inputs"], row["outputs"])
+    if len(text) <= room:
+        return [text]
+    tensors = row["inputs"] + row["outputs"]
+    firsts = {tensor.array.shape[0] if tensor.array.ndim else 0 for tensor in tensors}
+    rows = firsts.pop() if len(firsts) == 1 else 0
+    if rows < 2:
+        return []
+    step = max(1, rows * room // (2 * len(text)))
+    pieces = []
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        cut = [Tensor(t.name, t.datatype, (stop - start, *t.shape[1:]), t.array[start:stop]) for t in tensors]
+        piece = _capture_record(row, cut[: len(row["inputs"])], cut[len(row["inputs"]) :], offset=start)
+        if len(piece) > room:
+            return []
+        pieces.append(piece)
+    return pieces
+
+
+def _capture_record(row: dict[str, Any], inputs: list[Tensor], outputs: list[Tensor], offset: int | None = None) -> str:
+    # Written by hand rather than by json.dumps: base64 needs no escaping, and scanning a
+    # megabyte of it for characters to escape was most of the cost of a large request.
+    head = f'{{"id":{json.dumps(row["id"])},"model":{json.dumps(row["model"])},"version":{json.dumps(row["version"])}'
+    if offset is not None:
+        head += f',"offset":{offset}'
+    tensors_in = ",".join(_capture_tensor(tensor) for tensor in inputs)
+    tensors_out = ",".join(_capture_tensor(tensor) for tensor in outputs)
+    return f'{head},"time":{row["time"]!r},"inputs":[{tensors_in}],"outputs":[{tensors_out}]}}'
+
+
+def _capture_tensor(tensor: Tensor) -> str:
+    shape = ",".join(str(int(size)) for size in tensor.shape)
+    head = f'{{"name":{json.dumps(tensor.name)},"datatype":"{tensor.datatype}","shape":[{shape}]'
+    if tensor.datatype == "BYTES":
+        data = [
+            element.decode(errors="replace") if isinstance(element, bytes) else str(element)
+            for element in tensor.array.reshape(-1)
+        ]
+        return f'{head},"data":{json.dumps(data)}}}'
+    array = tensor.array
+    # tobytes() is row-major whatever the layout; only big-endian data needs its bytes swapped.
+    raw = (array.byteswap() if array.dtype.byteorder == ">" else array).tobytes()
+    return f'{head},"raw":"{base64.b64encode(raw).decode("ascii")}"}}'
 
 
 # ---------------------------------------------------------------- metrics

@@ -57,7 +57,9 @@ def build(settings: RuntimeSettings) -> ServiceRuntime:
     if settings.capture:
         if not settings.nats_url:
             raise SystemExit("MLMESH_RUNTIME_CAPTURE needs MLMESH_NATS_URL: captured requests go to NATS JetStream")
-        capture = domain.CaptureQueue(settings.capture_queue_rows, settings.capture_batch_rows, metrics)
+        capture = domain.CaptureQueue(
+            settings.capture_queue_rows, settings.capture_batch_rows, metrics, settings.capture_queue_bytes
+        )
         background.append(functools.partial(publish_captures, settings, capture))
     app = rest.build_app(store, metrics, settings.max_elements, settings.max_message_bytes, capture)
 
@@ -87,14 +89,22 @@ async def publish_captures(settings: RuntimeSettings, capture: domain.CaptureQue
         jetstream = connection.jetstream(timeout=5)
         config = bus.capture_stream_config(settings.capture_max_age_seconds, settings.capture_max_bytes)
         await bus.ensure_stream(jetstream, config)
+        # Headers and the subject share the server's payload limit with the rows.
+        limit = connection.max_payload - 4096
         while True:
             batch = await capture.next_batch(settings.capture_flush_seconds)
-            try:
-                await jetstream.publish(subject, domain.capture_message(batch))
-                capture.sent(len(batch))
-            except Exception as error:
-                capture.lost(len(batch))
-                log.warning("capture: %d rows dropped, NATS did not take them: %s", len(batch), error)
+            # Encoding large tensors takes milliseconds: off the loop that serves requests.
+            messages = await asyncio.to_thread(domain.capture_messages, batch, limit)
+            if messages.too_large:
+                capture.lost(messages.too_large)
+                log.warning("capture: %d requests dropped, too large for a NATS message", messages.too_large)
+            for payload, requests in zip(messages.payloads, messages.requests, strict=True):
+                try:
+                    await jetstream.publish(subject, payload)
+                    capture.sent(requests)
+                except Exception as error:
+                    capture.lost(requests)
+                    log.warning("capture: %d requests dropped, NATS did not take them: %s", requests, error)
     finally:
         await connection.close()
 

@@ -63,6 +63,9 @@ class RuntimeSettings(ServiceSettings):
     capture_queue_rows: int = Field(default=10_000, ge=1)
     """Captured requests waiting to be sent at most; more are dropped (and counted), never waited for."""
 
+    capture_queue_bytes: int = Field(default=256 * 1024**2, ge=1024 * 1024)
+    """Tensor bytes of the captured requests waiting to be sent at most; more are dropped (and counted)."""
+
     capture_batch_rows: int = Field(default=256, ge=1)
     """Captured requests sent in one message at most."""
 

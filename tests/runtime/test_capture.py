@@ -4,6 +4,8 @@ holds up or fails a request, even with NATS away."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
 import time
 
@@ -27,6 +29,19 @@ def adder_request(request_id: str, values: list[float]) -> oip.ModelInferRequest
     return request
 
 
+def raw_adder_request(request_id: str, batch: np.ndarray) -> oip.ModelInferRequest:
+    request = oip.ModelInferRequest(model_name="adder", id=request_id)
+    request.inputs.add(name="x", datatype="FP32", shape=list(batch.shape))
+    request.raw_input_contents.append(batch.astype("<f4").tobytes())
+    return request
+
+
+def decoded(tensor: dict) -> dict:
+    """A captured tensor with its base64 `raw` bytes turned into a list of numbers."""
+    data = np.frombuffer(base64.b64decode(tensor["raw"]), dtype="<f4").tolist()
+    return {key: value for key, value in tensor.items() if key != "raw"} | {"data": data}
+
+
 async def test_requests_and_answers_arrive_in_batches_on_the_capture_subject(registry_process, tmp_path):
     ref = register_adder(registry_process, tmp_path)
     settings = {"capture": "true", "endpoint": "fraud-ep", "deployment": "blue", "nats_url": registry_process.nats_url}
@@ -39,15 +54,58 @@ async def test_requests_and_answers_arrive_in_batches_on_the_capture_subject(reg
             call(runtime, "/v2/models/adder/infer", {"id": f"r{number}", **x(data=(number, 0, 0))})
         rows = await captured_rows("mlmesh.capture.fraud-ep.blue", registry_process.nats_url, 25)
     by_id = {row["id"]: row for row in rows}
+    assert len(rows) == 25
     assert sorted(by_id) == sorted([f"g{n}" for n in range(20)] + [f"r{n}" for n in range(5)])
     row = by_id["g7"]
     assert (row["model"], row["version"]) == ("adder", ref.split(":")[1])
-    assert row["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [7.0, 1.0, 2.0]}]
-    assert row["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [1, 3], "data": [8.0, 2.0, 3.0]}]
+    assert [decoded(t) for t in row["inputs"]] == [
+        {"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [7, 1, 2]}
+    ]
+    assert [decoded(t) for t in row["outputs"]] == [
+        {"name": "y", "datatype": "FP32", "shape": [1, 3], "data": [8, 2, 3]}
+    ]
     assert abs(row["time"] - time.time()) < 120
 
 
+async def test_large_requests_are_packed_below_the_message_limit_and_split_when_one_is_too_large(
+    registry_process, tmp_path
+):
+    ref = register_adder(registry_process, tmp_path)
+    settings = {"capture": "true", "endpoint": "big", "deployment": "blue", "nats_url": registry_process.nats_url}
+    random = np.random.default_rng(7)
+    # 40 requests of 1,000 rows (16 KB of base64 each, 256 of them would be 4 MB), and one of
+    # 100,000 rows (1.6 MB) that no NATS message of the default 1 MB limit holds whole.
+    batches = {f"k{n}": random.random((1000, 3), dtype=np.float32) for n in range(40)}
+    batches["huge"] = random.random((100_000, 3), dtype=np.float32)
+    with spawn_runtime(tmp_path, registry_process, ref, **settings) as runtime:
+        with grpc.insecure_channel(runtime.grpc, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            for request_id, batch in batches.items():
+                stub.ModelInfer(raw_adder_request(request_id, batch))
+        rows = await captured_rows("mlmesh.capture.big.blue", registry_process.nats_url, len(batches) + 1)
+        deadline = time.monotonic() + 10
+        while metric(runtime, "mlmesh_runtime_capture_rows_total", outcome="published") < len(batches):
+            assert time.monotonic() < deadline, "the published count never reached every request"
+            await asyncio.sleep(0.2)
+        assert metric(runtime, "mlmesh_runtime_capture_rows_total", outcome="dropped") in (None, 0)
+    pieces = sorted((row for row in rows if row["id"] == "huge"), key=lambda row: row["offset"])
+    whole = {row["id"]: row for row in rows if row["id"] != "huge"}
+    assert sorted(whole) == sorted(set(batches) - {"huge"}) and len(whole) == len(rows) - len(pieces)
+    for request_id, row in whole.items():
+        assert "offset" not in row
+        assert np.array_equal(np.array(decoded(row["inputs"][0])["data"]).reshape(1000, 3), batches[request_id])
+    assert len(pieces) >= 2
+    joined = np.concatenate(
+        [np.array(decoded(p["outputs"][0])["data"]).reshape(p["outputs"][0]["shape"]) for p in pieces]
+    )
+    assert np.allclose(joined, batches["huge"] + 1)
+    assert [p["offset"] for p in pieces] == [
+        sum(p["inputs"][0]["shape"][0] for p in pieces[:i]) for i in range(len(pieces))
+    ]
+
+
 async def captured_rows(subject: str, url: str, count: int) -> list[dict]:
+    """The captured records on `subject`, waiting until at least `count` have come."""
     connection = await nats.connect(url)
     try:
         subscription = await connection.jetstream().subscribe(subject, ordered_consumer=True)
@@ -56,8 +114,12 @@ async def captured_rows(subject: str, url: str, count: int) -> list[dict]:
         async with asyncio.timeout(30):
             while len(rows) < count:
                 message = await subscription.next_msg(timeout=10)
+                assert len(message.data) <= connection.max_payload
                 rows += json.loads(message.data)["rows"]
                 messages += 1
+        with contextlib.suppress(nats.errors.TimeoutError):
+            while True:  # and whatever else comes, so that callers see duplicates and extra pieces
+                rows += json.loads((await subscription.next_msg(timeout=0.5)).data)["rows"]
         assert messages < count, "every row came in a message of its own: no batching"
         info = await connection.jetstream().stream_info(bus.CAPTURE_STREAM)
         assert info.config.max_bytes > 0 and info.config.max_age > 0
@@ -78,11 +140,7 @@ def test_with_nats_away_requests_still_succeed_and_dropped_rows_are_counted(regi
 
 
 async def test_the_queue_never_waits_drops_beyond_its_capacity_and_batches(tmp_path):
-    (tmp_path / "m.onnx").write_bytes(tiny_onnx())
-    model = domain.load_model("adder", "1", tmp_path / "m.onnx", None, (1, 1))
-    store = domain.ModelStore()
-    store.add(model)
-    metrics = domain.Metrics(store)
+    model, metrics = adder_model(tmp_path)
     queue = domain.CaptureQueue(capacity=10, batch_rows=4, metrics=metrics)
     tensor = domain.Tensor("x", "FP32", (1, 3), np.zeros((1, 3), np.float32))
     for number in range(12):
@@ -93,5 +151,57 @@ async def test_the_queue_never_waits_drops_beyond_its_capacity_and_batches(tmp_p
     assert [row["id"] for batch in batches for row in batch] == [f"q{n}" for n in range(10)]
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(queue.next_batch(0.01), 0.2)  # nothing left: it waits for rows
-    message = json.loads(domain.capture_message(batches[0]))
-    assert message["rows"][0]["inputs"][0] == {"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [0.0] * 3}
+    messages = domain.capture_messages(batches[0], 1 << 20)
+    assert (messages.requests, messages.too_large) == ([4], 0)
+    message = json.loads(messages.payloads[0])
+    assert decoded(message["rows"][0]["inputs"][0]) == {
+        "name": "x",
+        "datatype": "FP32",
+        "shape": [1, 3],
+        "data": [0] * 3,
+    }
+
+
+async def test_the_queue_is_bounded_by_tensor_bytes_too(tmp_path):
+    model, metrics = adder_model(tmp_path)
+    queue = domain.CaptureQueue(capacity=100, batch_rows=100, metrics=metrics, capacity_bytes=30_000)
+    big = domain.Tensor("x", "FP32", (1000, 3), np.zeros((1000, 3), np.float32))  # 12,000 bytes
+    for number in range(4):
+        queue.offer(model, f"b{number}", [big], [])
+    assert metrics.registry.get_sample_value("mlmesh_runtime_capture_rows_total", {"outcome": "dropped"}) == 2
+    assert len(await queue.next_batch(0.01)) == 2
+    queue.offer(model, "after", [big], [])  # sent rows free their room
+    assert [row["id"] for row in await queue.next_batch(0.01)] == ["after"]
+
+
+def test_messages_stay_below_the_limit_split_along_rows_and_leave_out_what_cannot_fit():
+    def row(request_id: str, *tensors: domain.Tensor) -> dict:
+        return {"id": request_id, "model": "adder", "version": "1", "time": 0.0, "inputs": list(tensors), "outputs": []}
+
+    def floats(name: str, rows: int, columns: int = 3) -> domain.Tensor:
+        values = np.arange(rows * columns, dtype=np.float32).reshape(rows, columns)
+        return domain.Tensor(name, "FP32", (rows, columns), values)
+
+    limit = 10_000
+    rows = [row(f"small{n}", floats("x", 10)) for n in range(30)]  # about 300 bytes each
+    rows.append(row("split", floats("x", 2000)))  # 24 KB raw: split along its rows
+    rows.append(row("one-wide-row", floats("x", 1, 5000)))  # one row bigger than a message
+    rows.append(row("mismatched", floats("x", 2000), floats("z", 10)))  # no common first dimension
+    messages = domain.capture_messages(rows, limit)
+    assert messages.too_large == 2
+    assert all(len(payload) <= limit for payload in messages.payloads)
+    assert sum(messages.requests) == 31
+    records = [record for payload in messages.payloads for record in json.loads(payload)["rows"]]
+    assert [r["id"] for r in records if r["id"].startswith("small")] == [f"small{n}" for n in range(30)]
+    pieces = [r for r in records if r["id"] == "split"]
+    assert len(pieces) > 2 and [p["offset"] for p in pieces] == sorted(p["offset"] for p in pieces)
+    values = np.concatenate([np.array(decoded(p["inputs"][0])["data"]).reshape(-1, 3) for p in pieces])
+    assert np.array_equal(values, floats("x", 2000).array)
+
+
+def adder_model(tmp_path) -> tuple[domain.LoadedModel, domain.Metrics]:
+    (tmp_path / "m.onnx").write_bytes(tiny_onnx())
+    model = domain.load_model("adder", "1", tmp_path / "m.onnx", None, (1, 1))
+    store = domain.ModelStore()
+    store.add(model)
+    return model, domain.Metrics(store)
