@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import nats
 import pytest
 from sqlalchemy import create_engine, text
 
 from services._proto.mlmesh.v1 import registry_pb2_grpc
-from services.common import natsserver
+from services.common import events, natsserver
 from services.common.settings import MeshSettings
 from services.launcher import health_status
 from services.registry.main import build
@@ -245,3 +246,24 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if MESH.require_all and skipped:
         reporter.write_line(f"MLMESH_REQUIRE_ALL=1: {skipped} test(s) were skipped; failing the run", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def stream_events(nats_url: str, subject: str) -> list[events.CloudEvent]:
+    """Every event on `subject` (a wildcard) in MLMESH_EVENTS so far."""
+
+    async def read() -> list[events.CloudEvent]:
+        connection = await nats.connect(nats_url)
+        try:
+            jetstream = connection.jetstream()
+            subscription = await jetstream.subscribe(subject, ordered_consumer=True)
+            found = []
+            while True:
+                try:
+                    message = await subscription.next_msg(timeout=1)
+                except TimeoutError:
+                    return found
+                found.append(events.CloudEvent.from_json(message.data))
+        finally:
+            await connection.close()
+
+    return asyncio.run(read())

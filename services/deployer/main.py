@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from services._proto.mlmesh.v1 import deployer_pb2, deployer_pb2_grpc
-from services.client import MeshError, RegistryClient
+from services.client import RegistryClient
 from services.common.db import Database
-from services.common.errors import Unavailable, error_for
 from services.common.natsserver import free_port
 from services.common.outbox import Outbox
+from services.common.remote import RemoteCalls
 from services.common.server import ServiceRuntime, run_service, service_runtime
 from services.deployer.batch import BatchRunner
 from services.deployer.domain import Deployer
@@ -23,38 +20,6 @@ from services.deployer.settings import DeployerSettings
 SERVICE_NAME = deployer_pb2.DESCRIPTOR.services_by_name["DeployerService"].full_name
 
 
-class RegistryCalls:
-    """The registry's client, its failures turned into mlmesh errors that name the registry, so
-    that the deployer's callers see NOT_FOUND for an unknown model, UNAVAILABLE when the registry
-    is away."""
-
-    def __init__(self, client: RegistryClient) -> None:
-        self.client = client
-
-    def acquire_usage(self, ref: str, deployment_id: str) -> Any:
-        return self._call(self.client.acquire_usage, ref, deployment_id)
-
-    def release_usage(self, ref: str, deployment_id: str) -> None:
-        self._call(self.client.release_usage, ref, deployment_id)
-
-    def get_dataset(self, ref: str) -> Any:
-        return self._call(self.client.get_dataset, ref)
-
-    def download_dataset(self, ref: str, directory: Path) -> Path:
-        return self._call(self.client.download_dataset, ref, directory)
-
-    def fetch_onnx(self, ref: str, cache: Path) -> Any:
-        return self._call(self.client.fetch_onnx, ref, cache)
-
-    def _call(self, method: Any, *args: Any) -> Any:
-        try:
-            return method(*args)
-        except MeshError as error:
-            if error.unreachable:
-                raise Unavailable(f"the registry at {self.client.address} cannot be reached; is it running?") from None
-            raise error_for(error.code, f"registry: {error.message}", field=error.field or None) from None
-
-
 def build(settings: DeployerSettings) -> ServiceRuntime:
     """Everything the deployer runs: database, outbox, the gRPC server and the reconciler."""
     if settings.workers != 1:
@@ -62,7 +27,7 @@ def build(settings: DeployerSettings) -> ServiceRuntime:
     database = Database(settings.resolved_database_url(), TABLES)
     create_tables(database)
     outbox = Outbox()
-    registry = RegistryCalls(RegistryClient(settings.registry_address, actor="deployer"))
+    registry = RemoteCalls(RegistryClient(settings.registry_address, actor="deployer"), "registry")
     deployer = Deployer(
         database,
         outbox,

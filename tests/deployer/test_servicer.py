@@ -3,7 +3,6 @@ shift traffic and go away; bad requests change nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import nats
 import pytest
 import yaml
 
@@ -24,7 +22,7 @@ from services._proto.mlmesh.v1 import deployer_pb2, deployer_pb2_grpc
 from services.client import DeployerClient, MeshError, RegistryClient
 from services.common import events
 from services.common.natsserver import free_port
-from tests.conftest import RegistryProcess
+from tests.conftest import RegistryProcess, stream_events
 from tests.deployer.processes import DeployerProcess, running_deployer, start_deployer, stop_deployer
 from tests.runtime.conftest import register_adder
 
@@ -60,27 +58,6 @@ def infer(address: str, model: str, values: list[float], version: str = "") -> t
         tensor.contents.fp32_contents.extend(values)
         answer = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
     return list(answer.outputs[0].contents.fp32_contents), answer.model_version
-
-
-def stream_events(nats_url: str, subject: str) -> list[events.CloudEvent]:
-    """Every event on `subject` (a wildcard) in MLMESH_EVENTS so far."""
-
-    async def read() -> list[events.CloudEvent]:
-        connection = await nats.connect(nats_url)
-        try:
-            jetstream = connection.jetstream()
-            subscription = await jetstream.subscribe(subject, ordered_consumer=True)
-            found = []
-            while True:
-                try:
-                    message = await subscription.next_msg(timeout=1)
-                except TimeoutError:
-                    return found
-                found.append(events.CloudEvent.from_json(message.data))
-        finally:
-            await connection.close()
-
-    return asyncio.run(read())
 
 
 def deployment_events(nats_url: str, endpoint: str) -> list[events.CloudEvent]:
