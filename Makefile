@@ -40,6 +40,7 @@ proto: setup-dev  ## regenerate services/_proto from protos/
 bench: setup-dev  ## run the benchmarks (prints JSON)
 	$(BIN)/python bench/registry.py
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/builder.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -8,7 +8,7 @@
 #
 # Environment (all optional):
 #   MLMESH_IMAGE        tag to build                        (default mlmesh:dev)
-#   MLMESH_BASE_IMAGE   base image; the default is built here with debootstrap, any other
+#   MLMESH_BASE_IMAGE   base image; the default is built by deploy/build-base-image.sh, any other
 #                       (e.g. python:3.11-slim) is pulled by `docker build` as usual
 #   DEBIAN_MIRROR       mirror for debootstrap              (default http://deb.debian.org/debian)
 #   PYTHON              host Python that runs pip           (default .venv/bin/python, else python3)
@@ -35,39 +35,8 @@ docker version --format '{{.Server.Version}}' >/dev/null 2>&1 || {
 }
 
 # --- 1. base image: Debian bookworm minbase with its python3 (3.11), built once ----------
-if [ "$BASE_IMAGE" = "$DEFAULT_BASE" ] && ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
-  step "base image $BASE_IMAGE (debootstrap bookworm minbase)"
-  started=$(date +%s)
-  if ! command -v debootstrap >/dev/null; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      apt-get install -y -qq debootstrap >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
-    else
-      echo "build-image.sh: debootstrap is needed to build $BASE_IMAGE (apt-get install debootstrap)" >&2
-      exit 2
-    fi
-  fi
-  rootfs=$(mktemp -d "${TMPDIR:-/tmp}/mlmesh-rootfs.XXXXXX")
-  trap 'rm -rf "$rootfs"' EXIT
-  mkdir -p "$CACHE/debootstrap"
-  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip \
-    --cache-dir="$CACHE/debootstrap" bookworm "$rootfs" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1 || {
-    tail -n 30 "$CACHE/debootstrap.log" >&2
-    exit 1
-  }
-  # What an image never needs: package lists, downloaded .debs, manuals (copyright files stay).
-  rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/usr/share/man/* \
-    "$rootfs"/usr/share/info/* "$rootfs"/var/log/*.log
-  find "$rootfs"/var/cache/apt/archives -name '*.deb' -delete
-  find "$rootfs"/usr/share/doc -mindepth 1 ! -name copyright ! -type d -delete
-  chmod 755 "$rootfs" # mktemp made it 0700, and it becomes the image's /: others could not enter it
-  tar -C "$rootfs" -c . | docker import \
-    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-    --change 'ENV LANG=C.UTF-8' \
-    --change 'CMD ["/bin/bash"]' \
-    --message "debootstrap --variant=minbase bookworm + python3" - "$BASE_IMAGE" >/dev/null
-  rm -rf "$rootfs"
-  trap - EXIT
-  elapsed "$started"
+if [ "$BASE_IMAGE" = "$DEFAULT_BASE" ]; then
+  MLMESH_BASE_IMAGE="$BASE_IMAGE" DEBIAN_MIRROR="$MIRROR" MLMESH_CACHE="$CACHE" bash deploy/build-base-image.sh
 fi
 
 # --- 2. wheelhouse: the runtime dependencies as wheels for CPython 3.11 on glibc Linux ----

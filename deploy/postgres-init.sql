@@ -1,2 +1,3 @@
 -- Each mlmesh service owns its database; the registry uses `mlmesh` (POSTGRES_DB).
 CREATE DATABASE mlmesh_deployer;
+CREATE DATABASE mlmesh_builder;

@@ -40,13 +40,13 @@ from rich.progress import (
 from rich.table import Table
 
 from services import launcher
-from services._proto.mlmesh.v1 import deployer_pb2, registry_pb2
-from services.client import DeployerClient, MeshError, RegistryClient
+from services._proto.mlmesh.v1 import builder_pb2, deployer_pb2, registry_pb2
+from services.client import BuilderClient, DeployerClient, MeshError, RegistryClient
 from services.client import Progress as ProgressCallback
 from services.common import events
 from services.common.settings import MeshSettings
 
-Client = TypeVar("Client", RegistryClient, DeployerClient)
+Client = TypeVar("Client", RegistryClient, DeployerClient, BuilderClient)
 console = Console(highlight=False)
 error_console = Console(stderr=True, highlight=False)
 
@@ -65,6 +65,8 @@ audit_app = typer.Typer(help="Read the audit log: who changed what, when and why
 events_app = typer.Typer(help="Watch the lifecycle events that the mesh publishes on NATS.")
 batch_app = typer.Typer(help="Score Parquet or CSV files in batch with a model version or an endpoint.")
 deploy_app = typer.Typer(help="Serve model versions at endpoints: deployments, blue/green traffic, logs.")
+env_app = typer.Typer(help="Register reusable environments: pip requirements resolved to an exact lock with hashes.")
+build_app = typer.Typer(help="Convert models to ONNX (with a parity check) and build Docker images that serve them.")
 app.add_typer(models_app, name="models", no_args_is_help=True)
 models_app.add_typer(alias_app, name="alias", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets", no_args_is_help=True)
@@ -73,6 +75,8 @@ app.add_typer(audit_app, name="audit", no_args_is_help=True)
 app.add_typer(events_app, name="events", no_args_is_help=True)
 app.add_typer(deploy_app, name="deploy", no_args_is_help=True)
 app.add_typer(batch_app, name="batch", no_args_is_help=True)
+app.add_typer(env_app, name="env", no_args_is_help=True)
+app.add_typer(build_app, name="build", no_args_is_help=True)
 
 
 class CliSettings(MeshSettings):
@@ -83,6 +87,9 @@ class CliSettings(MeshSettings):
 
     deployer_address: str = ""
     """host:port of the deployer (MLMESH_DEPLOYER_ADDRESS); empty means the running local mesh."""
+
+    builder_address: str = ""
+    """host:port of the builder (MLMESH_BUILDER_ADDRESS); empty means the running local mesh."""
 
 
 AddressOption = Annotated[
@@ -145,6 +152,10 @@ def registry(address: str | None) -> contextlib.AbstractContextManager[RegistryC
 
 def deployer(address: str | None) -> contextlib.AbstractContextManager[DeployerClient]:
     return connected("deployer", DeployerClient, address)
+
+
+def builder(address: str | None) -> contextlib.AbstractContextManager[BuilderClient]:
+    return connected("builder", BuilderClient, address)
 
 
 def to_dict(message: Message) -> dict[str, Any]:
@@ -1470,6 +1481,278 @@ def batch_list(address: DeployerOption = None, as_json: JsonOption = False) -> N
             when(job.created_at),
         )
     console.print(table)
+
+
+# ---------------------------------------------------------------- env and build
+
+BuilderOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="host:port of the builder. Default: MLMESH_BUILDER_ADDRESS, else the mesh that `mlmesh up` "
+        "started in MLMESH_HOME, else 127.0.0.1:MLMESH_BUILDER_PORT (50052).",
+        show_default=False,
+    ),
+]
+
+
+def environment_dict(environment: builder_pb2.Environment) -> dict[str, Any]:
+    return to_dict(environment)
+
+
+def show_environment(environment: builder_pb2.Environment, created: bool | None = None) -> None:
+    sheet = Table.grid(padding=(0, 2))
+    sheet.add_column(style="bold")
+    sheet.add_column()
+    note = "" if created is None else ("  (new)" if created else "  (same spec as before: existing version)")
+    sheet.add_row("environment", escape(f"{environment.name}:{environment.version}") + note)
+    sheet.add_row("python", environment.python_version)
+    sheet.add_row("base image", escape(environment.base_image or "(the builder's default)"))
+    sheet.add_row("requirements", escape(", ".join(environment.requirements) or "-"))
+    sheet.add_row("created", f"{when(environment.created_at)} by {escape(environment.created_by or '-')}")
+    console.print(sheet)
+    table = new_table("package", "version", "sha256")
+    for package in environment.lock:
+        table.add_row(escape(package.name), escape(package.version), package.sha256)
+    console.print(table)
+
+
+@env_app.command("register")
+def env_register(
+    name: Annotated[str, typer.Argument(help="Environment name; versions count up per name.")],
+    requirements: Annotated[
+        Path, typer.Argument(help="A requirements file: one requirement a line (no -r, -e, URLs or paths).")
+    ],
+    python: Annotated[str, typer.Option("--python", help="Python version the lock is for.")] = "3.11",
+    base_image: Annotated[
+        str, typer.Option("--base-image", help="Base image of images built with it. Default: the builder's.")
+    ] = "",
+    description: Annotated[str, typer.Option(help="What the environment is for.")] = "",
+    address: BuilderOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Register an environment: the requirements are resolved by pip to exact versions and hashes.
+    Registering the same spec again returns the existing version."""
+    try:
+        text = requirements.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        fail(f"cannot read {requirements}: {error}")
+    with builder(address) as client:
+        with contextlib.ExitStack() as stack:
+            if not as_json:
+                stack.enter_context(error_console.status(f"resolving {name} with pip"))
+            environment, created = client.register_environment(
+                name, text, python_version=python, base_image=base_image, description=description
+            )
+    if as_json:
+        print_json(environment_dict(environment) | {"created": created})
+    else:
+        show_environment(environment, created)
+
+
+@env_app.command("show")
+def env_show(
+    ref: Annotated[str, typer.Argument(help="name:version, or name for the latest version.")],
+    address: BuilderOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show an environment version with its lock."""
+    with builder(address) as client:
+        environment = client.get_environment(ref)
+    if as_json:
+        print_json(environment_dict(environment))
+    else:
+        show_environment(environment)
+
+
+@env_app.command("list")
+def env_list(
+    prefix: Annotated[str, typer.Option("--prefix", help="Only names starting with this.")] = "",
+    address: BuilderOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List environment versions."""
+    with builder(address) as client:
+        environments = client.list_environments(prefix)
+    if as_json:
+        print_json([environment_dict(environment) for environment in environments])
+        return
+    table = new_table("environment", "python", "packages", "base image", "created")
+    for environment in environments:
+        table.add_row(
+            escape(f"{environment.name}:{environment.version}"),
+            environment.python_version,
+            str(len(environment.lock)),
+            escape(environment.base_image or "-"),
+            when(environment.created_at),
+        )
+    console.print(table)
+
+
+def conversion_dict(conversion: builder_pb2.Conversion) -> dict[str, Any]:
+    """A conversion as JSON, with its headline figures also at the top level."""
+    data = to_dict(conversion)
+    data |= {
+        "max_abs_diff": conversion.parity.max_abs_diff,
+        "labels_equal": conversion.parity.labels_equal,
+        "speedup_one_row": conversion.speed.speedup_one_row,
+        "speedup_1000_rows": conversion.speed.speedup_1000_rows,
+    }
+    return data
+
+
+def show_conversion(conversion: builder_pb2.Conversion) -> None:
+    speed = conversion.speed
+    console.print(
+        f"{escape(conversion.source_name)}:{conversion.source_version} ({escape(conversion.estimator)}) -> "
+        f"[bold]{escape(conversion.source_name)}:{conversion.version}[/bold] (onnx)"
+    )
+    console.print(
+        f"parity: {conversion.parity.rows_checked} rows, labels "
+        f"{'equal' if conversion.parity.labels_equal else 'DIFFER'}, max abs diff {conversion.parity.max_abs_diff:.2e}"
+    )
+    table = new_table("", "native", "onnxruntime", "speedup")
+    table.add_row(
+        "1 row", f"{speed.native_one_row_ms:.3f} ms", f"{speed.onnx_one_row_ms:.3f} ms", f"{speed.speedup_one_row:.1f}x"
+    )
+    table.add_row(
+        "1,000 rows",
+        f"{speed.native_1000_rows_ms:.3f} ms",
+        f"{speed.onnx_1000_rows_ms:.3f} ms",
+        f"{speed.speedup_1000_rows:.1f}x",
+    )
+    console.print(table)
+    if conversion.quantized:
+        console.print(
+            f"quantised: {conversion.quantization_label_agreement:.1%} of labels unchanged, "
+            f"max abs diff {conversion.quantization_max_abs_diff:.2e}"
+        )
+
+
+@build_app.command("convert")
+def build_convert(
+    ref: Annotated[str, typer.Argument(help="A scikit-learn, XGBoost or LightGBM version: name:version, name@alias.")],
+    sample_dataset: Annotated[
+        str,
+        typer.Option(
+            "--sample-dataset",
+            help="Check parity on a registered dataset (name:version). Default: the version's input example, "
+            "else rows generated from the model.",
+        ),
+    ] = "",
+    quantize: Annotated[bool, typer.Option(help="Dynamic int8 quantisation (neural networks only).")] = False,
+    optimize: Annotated[bool, typer.Option(help="Apply onnxruntime's offline graph optimisation.")] = True,
+    parity_rows: Annotated[int, typer.Option(min=0, help="Sample rows the parity check uses (0: 1,000).")] = 0,
+    address: BuilderOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Convert a model version to ONNX, check that it answers as the original does, and register it
+    as the model's next version (framework onnx, parent = the source version)."""
+    with builder(address) as client:
+        with contextlib.ExitStack() as stack:
+            if not as_json:
+                stack.enter_context(error_console.status(f"converting {ref} and checking parity"))
+            conversion = client.convert(
+                ref, sample_dataset=sample_dataset, quantize=quantize, optimize=optimize, parity_rows=parity_rows
+            )
+    if as_json:
+        print_json(conversion_dict(conversion))
+    else:
+        show_conversion(conversion)
+
+
+def image_dict(image: builder_pb2.Image) -> dict[str, Any]:
+    """An image as JSON; `image` is the tag."""
+    return to_dict(image) | {"image": image.tag}
+
+
+@build_app.command("image")
+def build_image(
+    refs: Annotated[list[str], typer.Argument(help="Model versions to serve (each with an .onnx file).")],
+    environment: Annotated[
+        str, typer.Option("--env", help="Environment name:version whose lock is installed in the image.")
+    ] = "",
+    base_image: Annotated[str, typer.Option("--base-image", help="Base image (CPython with venv).")] = "",
+    tag: Annotated[str, typer.Option("--tag", help="Image tag. Default: mlmesh-model-<name>:<version>-<key>.")] = "",
+    setting: Annotated[
+        list[str] | None,
+        typer.Option("--setting", help="A runtime setting baked in, e.g. max_batch_rows=16; repeat for more."),
+    ] = None,
+    push: Annotated[bool, typer.Option(help="Push to the builder's registry (MLMESH_BUILDER_PUSH_REGISTRY).")] = False,
+    address: BuilderOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Build a Docker image that serves the model versions over the Open Inference Protocol
+    (gRPC 8001, REST 8000). The same models, environment and runtime reuse an existing image."""
+    settings = parse_pairs(setting, "--setting")
+    with builder(address) as client:
+        with contextlib.ExitStack() as stack:
+            status = None if as_json else stack.enter_context(error_console.status("building"))
+
+            def on_log(line: str) -> None:
+                if status is not None and line.strip():
+                    status.update(f"building: {escape(line.strip()[:100])}")
+                    if line.startswith(("Step ", "== ")):
+                        error_console.print(escape(line.rstrip()), style="dim")
+
+            image = client.build_image(
+                refs,
+                environment=environment,
+                base_image=base_image,
+                runtime_settings=settings,
+                tag=tag,
+                push=push,
+                on_log=on_log,
+            )
+    if as_json:
+        print_json(image_dict(image))
+        return
+    reused = "reused (nothing changed)" if image.reused else f"built in {image.seconds:.0f} s"
+    console.print(f"[bold]{escape(image.tag)}[/bold]  {image.image_id}  {human_size(image.size_bytes)}  {reused}")
+    if image.pushed:
+        console.print(f"pushed: {escape(image.pushed)}")
+
+
+@build_app.command("list")
+def build_list(
+    name: Annotated[str, typer.Option("--name", help="Only images serving this model.")] = "",
+    address: BuilderOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List built images, newest first."""
+    with builder(address) as client:
+        images = client.list_images(name)
+    if as_json:
+        print_json([image_dict(image) for image in images])
+        return
+    table = new_table("image", "models", "environment", "size", "created")
+    for image in images:
+        table.add_row(
+            escape(image.tag),
+            escape(", ".join(image.models)),
+            escape(image.environment or "-"),
+            human_size(image.size_bytes),
+            when(image.created_at),
+        )
+    console.print(table)
+
+
+@build_app.command("export")
+def build_export(
+    image: Annotated[str, typer.Argument(help="An image tag, or a model version whose latest image is meant.")],
+    file: Annotated[Path, typer.Argument(help="Where to write the archive (load it with `docker load -i FILE`).")],
+    address: BuilderOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a `docker save` archive of an image, for machines without registry access."""
+    with builder(address) as client, transfer_progress(f"exporting {image}", not as_json) as progress:
+        size = client.export_image(image, file, progress)
+    if as_json:
+        print_json({"image": image, "file": str(file), "size_bytes": size})
+    else:
+        console.print(
+            f"wrote {escape(str(file))} ({human_size(size)}); load it with `docker load -i {escape(str(file))}`"
+        )
 
 
 if __name__ == "__main__":

@@ -26,10 +26,19 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from services._proto.mlmesh.v1 import common_pb2, deployer_pb2, deployer_pb2_grpc, registry_pb2, registry_pb2_grpc
+from services._proto.mlmesh.v1 import (
+    builder_pb2,
+    builder_pb2_grpc,
+    common_pb2,
+    deployer_pb2,
+    deployer_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
 from services.common.settings import MeshSettings
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_BUILDER_ADDRESS = "127.0.0.1:50052"
 DEFAULT_DEPLOYER_ADDRESS = "127.0.0.1:50054"
 ACTOR_METADATA = "x-mlmesh-actor"
 CHUNK_BYTES = 1024 * 1024
@@ -689,3 +698,139 @@ class DeployerClient(_ServiceClient):
             return self._call(self._stub.ListBatchJobs, deployer_pb2.ListBatchJobsRequest(page_token=token))
 
         return list(self._all_pages(fetch, "jobs"))
+
+
+class BuilderClient(_ServiceClient):
+    """A connection to the builder (mlmesh.v1.BuilderService): environments, conversions, images.
+
+    Args:
+        address: host:port of the builder.
+        actor: who is calling; defaults to MLMESH_ACTOR or the login name.
+        timeout: seconds a unary call may take (resolving an environment or converting a model
+            can take minutes); the image build and export streams are not limited.
+    """
+
+    def __init__(
+        self, address: str = DEFAULT_BUILDER_ADDRESS, actor: str | None = None, *, timeout: float = 900.0
+    ) -> None:
+        super().__init__(address, actor, timeout)
+        self._stub = builder_pb2_grpc.BuilderServiceStub(self._channel)
+
+    def register_environment(
+        self,
+        name: str,
+        requirements: str,
+        *,
+        python_version: str = "",
+        base_image: str = "",
+        description: str = "",
+    ) -> tuple[builder_pb2.Environment, bool]:
+        """Register `requirements` (a requirements file's text) as the environment's next version,
+        resolved to a lock; the bool is False when an identical spec already had a version."""
+        request = builder_pb2.RegisterEnvironmentRequest(
+            name=name,
+            requirements=requirements,
+            python_version=python_version,
+            base_image=base_image,
+            description=description,
+        )
+        response = self._call(self._stub.RegisterEnvironment, request)
+        return response.environment, response.created
+
+    def get_environment(self, ref: str) -> builder_pb2.Environment:
+        request = builder_pb2.GetEnvironmentRequest(ref=ref)
+        return self._call(self._stub.GetEnvironment, request).environment
+
+    def list_environments(self, name_prefix: str = "") -> list[builder_pb2.Environment]:
+        def fetch(token: str) -> Any:
+            request = builder_pb2.ListEnvironmentsRequest(name_prefix=name_prefix, page_token=token)
+            return self._call(self._stub.ListEnvironments, request)
+
+        return list(self._all_pages(fetch, "environments"))
+
+    def convert(
+        self,
+        ref: str,
+        *,
+        sample_dataset: str = "",
+        quantize: bool = False,
+        optimize: bool = True,
+        parity_rows: int = 0,
+        target_opset: int = 0,
+    ) -> builder_pb2.Conversion:
+        """Convert a scikit-learn, XGBoost or LightGBM version to ONNX, registered as the next version."""
+        options = builder_pb2.ConvertOptions(
+            skip_optimization=not optimize, quantize=quantize, parity_rows=parity_rows, target_opset=target_opset
+        )
+        request = builder_pb2.ConvertModelRequest(ref=ref, sample_dataset=sample_dataset, options=options)
+        return self._call(self._stub.ConvertModel, request).conversion
+
+    def list_conversions(self, name: str = "") -> list[builder_pb2.Conversion]:
+        def fetch(token: str) -> Any:
+            request = builder_pb2.ListConversionsRequest(name=name, page_token=token)
+            return self._call(self._stub.ListConversions, request)
+
+        return list(self._all_pages(fetch, "conversions"))
+
+    def build_image(
+        self,
+        refs: Iterable[str],
+        *,
+        environment: str = "",
+        base_image: str = "",
+        runtime_settings: dict[str, str] | None = None,
+        tag: str = "",
+        push: bool = False,
+        on_log: Callable[[str], None] | None = None,
+    ) -> builder_pb2.Image:
+        """Build (or reuse) a Docker image serving the versions; `on_log` sees each build-log line."""
+        request = builder_pb2.BuildImageRequest(
+            refs=list(refs),
+            environment=environment,
+            base_image=base_image,
+            runtime_settings=runtime_settings or {},
+            tag=tag,
+            push=push,
+        )
+        image = None
+        try:
+            for response in self._stub.BuildImage(request, metadata=self._metadata):
+                if response.WhichOneof("part") == "log":
+                    if on_log:
+                        on_log(response.log)
+                else:
+                    image = response.image
+        except grpc.RpcError as error:
+            raise MeshError.from_rpc_error(error) from None
+        if image is None:
+            raise MeshError("DATA_LOSS", "the builder ended the build stream without an image")
+        return image
+
+    def list_images(self, name: str = "") -> list[builder_pb2.Image]:
+        def fetch(token: str) -> Any:
+            return self._call(self._stub.ListImages, builder_pb2.ListImagesRequest(name=name, page_token=token))
+
+        return list(self._all_pages(fetch, "images"))
+
+    def export_image(self, image: str, target: Path, progress: Progress | None = None) -> int:
+        """Write a `docker save` archive of `image` (a tag, or a model ref) to `target`; its size."""
+        partial = target.with_name(target.name + ".partial")
+        written = total = 0
+        try:
+            with partial.open("wb") as file:
+                for response in self._stub.ExportImage(
+                    builder_pb2.ExportImageRequest(image=image), metadata=self._metadata
+                ):
+                    total = response.size or total
+                    file.write(response.data)
+                    written += len(response.data)
+                    if progress:
+                        progress(written, total)
+            if total and written != total:
+                raise MeshError("DATA_LOSS", f"the archive ended after {written} of {total} bytes")
+            os.replace(partial, target)
+        except grpc.RpcError as error:
+            raise MeshError.from_rpc_error(error) from None
+        finally:
+            partial.unlink(missing_ok=True)
+        return written

@@ -31,10 +31,12 @@ from services.common import natsserver
 # name -> (module run with `python -m`, default port, full gRPC service name for health checks)
 SERVICES: dict[str, tuple[str, int, str]] = {
     "registry": ("services.registry", 50051, "mlmesh.v1.RegistryService"),
+    "builder": ("services.builder", 50052, "mlmesh.v1.BuilderService"),
     "deployer": ("services.deployer", 50054, "mlmesh.v1.DeployerService"),
 }
 # Settings through which a service finds another it calls: variable -> the service it names.
 DEPENDENCIES: dict[str, dict[str, str]] = {
+    "builder": {"MLMESH_BUILDER_REGISTRY_ADDRESS": "registry"},
     "deployer": {"MLMESH_DEPLOYER_REGISTRY_ADDRESS": "registry"},
 }
 

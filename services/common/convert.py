@@ -1,4 +1,4 @@
-"""Small proto <-> Python conversions every servicer needs."""
+"""Small conversions that several services need: proto <-> Python, ONNX types <-> Open Inference Protocol."""
 
 from __future__ import annotations
 
@@ -18,3 +18,22 @@ def seconds(value: Timestamp, has_value: bool) -> float | None:
     if not has_value:
         return None
     return value.seconds + value.nanos / 1e9
+
+
+# onnx.TensorProto.DataType -> Open Inference Protocol datatype
+ONNX_TO_OIP = {
+    1: "FP32",
+    2: "UINT8",
+    3: "INT8",
+    4: "UINT16",
+    5: "INT16",
+    6: "INT32",
+    7: "INT64",
+    8: "BYTES",
+    9: "BOOL",
+    10: "FP16",
+    11: "FP64",
+    12: "UINT32",
+    13: "UINT64",
+    16: "BF16",
+}

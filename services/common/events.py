@@ -166,6 +166,60 @@ class RunCompleted(EventPayload):
     metric_count: int = 0
 
 
+class EnvironmentRegistered(EventPayload):
+    kind: ClassVar[str] = "environment.registered"
+    name: str
+    version: int
+    python_version: str
+    base_image: str
+    requirements: list[str]
+    packages: int
+    """How many packages the lock holds."""
+    spec_digest: str
+
+
+class ModelConverted(EventPayload):
+    kind: ClassVar[str] = "model.converted"
+    conversion_id: str
+    name: str
+    source_version: int
+    source_framework: str
+    estimator: str
+    version: int
+    """The registered ONNX version."""
+    rows_checked: int
+    labels_equal: bool
+    max_abs_diff: float
+    speedup_one_row: float
+    speedup_1000_rows: float
+    optimized: bool
+    quantized: bool
+
+
+class ImageEvent(EventPayload):
+    """What image.* events say: the models and environment the image is (or was to be) built from."""
+
+    models: list[str]
+    """"name:version" of each model served."""
+    environment: str
+    base_image: str
+
+
+class ImageBuilt(ImageEvent):
+    kind: ClassVar[str] = "image.built"
+    tag: str
+    image_id: str
+    size_bytes: int
+    key: str
+    reused: bool
+    pushed: str = ""
+
+
+class ImageFailed(ImageEvent):
+    kind: ClassVar[str] = "image.failed"
+    reason: str
+
+
 class DeploymentEvent(EventPayload):
     """What every deployment.* event says: which deployment, serving what, where."""
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from services.common.convert import ONNX_TO_OIP
 from services.common.errors import InvalidArgument
 
 OIP_DATATYPES = frozenset(
@@ -32,23 +33,6 @@ OIP_DATATYPES = frozenset(
     }
 )
 
-# onnx.TensorProto.DataType -> Open Inference Protocol datatype
-_ONNX_TO_OIP = {
-    1: "FP32",
-    2: "UINT8",
-    3: "INT8",
-    4: "UINT16",
-    5: "INT16",
-    6: "INT32",
-    7: "INT64",
-    8: "BYTES",
-    9: "BOOL",
-    10: "FP16",
-    11: "FP64",
-    12: "UINT32",
-    13: "UINT64",
-    16: "BF16",
-}
 
 # numpy dtype names (MLflow tensor specs) -> OIP datatype
 _NUMPY_TO_OIP = {
@@ -106,7 +90,7 @@ def onnx_signature(path: Path, display_name: str) -> dict[str, list[dict[str, An
                 continue
             tensor = value.type.tensor_type
             shape = [dim.dim_value if dim.HasField("dim_value") else -1 for dim in tensor.shape.dim]
-            found.append({"name": value.name, "datatype": _ONNX_TO_OIP.get(tensor.elem_type, "BYTES"), "shape": shape})
+            found.append({"name": value.name, "datatype": ONNX_TO_OIP.get(tensor.elem_type, "BYTES"), "shape": shape})
         return found
 
     return {"inputs": specs(model.graph.input), "outputs": specs(model.graph.output)}

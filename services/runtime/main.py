@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
 import logging
+from pathlib import Path
 
 from aiohttp import web
 
@@ -21,15 +24,44 @@ SERVICE_NAME = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceServ
 log = logging.getLogger(__name__)
 
 
+# (registered name, version, ONNX file, signature, where it came from)
+FoundModel = tuple[str, str, Path, domain.Signature, str]
+
+
 def load_models(settings: RuntimeSettings) -> domain.ModelStore:
-    """Each ref's version from the registry: its main .onnx file, downloaded once into the cache
-    (by sha256, checked on download), in an onnxruntime session."""
+    """The model versions to serve, each in an onnxruntime session: with MLMESH_RUNTIME_MODEL_DIR the
+    versions in that folder, else each ref's version from the registry."""
+    if settings.model_dir is not None:
+        if settings.model_refs():
+            raise SystemExit(
+                "MLMESH_RUNTIME_MODELS must be empty when MLMESH_RUNTIME_MODEL_DIR is set: the runtime serves "
+                f"either the versions in {settings.model_dir} or registry refs, not both"
+            )
+        found = folder_models(settings.model_dir)
+    else:
+        if settings.served_name and len(settings.model_refs()) != 1:
+            raise SystemExit("MLMESH_RUNTIME_SERVED_NAME renames one model: give exactly one in MLMESH_RUNTIME_MODELS")
+        found = registry_models(settings)
+    if settings.served_name and len(found) != 1:
+        raise SystemExit(f"MLMESH_RUNTIME_SERVED_NAME renames one model, but {settings.model_dir} holds {len(found)}")
+    threads = (settings.intra_op_threads, settings.inter_op_threads)
     store = domain.ModelStore()
+    for registered_name, version, target, signature, origin in found:
+        name = settings.served_name or registered_name
+        model = domain.load_model(name, version, target, signature, threads)
+        if settings.max_batch_rows and domain.Batcher.suits(model):
+            model.batcher = domain.Batcher(model, settings.max_batch_rows, settings.max_batch_wait_ms / 1000)
+        store.add(model)
+        log.info("serving %s:%s (%s) as %s", registered_name, version, origin, name)
+    return store
+
+
+def registry_models(settings: RuntimeSettings) -> list[FoundModel]:
+    """Each ref's version from the registry: its main .onnx file, downloaded once into the cache (by
+    sha256, checked on download)."""
     cache = settings.resolved_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    threads = (settings.intra_op_threads, settings.inter_op_threads)
-    if settings.served_name and len(settings.model_refs()) != 1:
-        raise SystemExit("MLMESH_RUNTIME_SERVED_NAME renames one model: give exactly one in MLMESH_RUNTIME_MODELS")
+    found = []
     with RegistryClient(settings.registry_address, actor="runtime") as client:
         for ref in settings.model_refs():
             try:
@@ -40,13 +72,56 @@ def load_models(settings: RuntimeSettings) -> domain.ModelStore:
                 inputs=[domain.TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in version.signature.inputs],
                 outputs=[domain.TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in version.signature.outputs],
             )
-            name = settings.served_name or version.name
-            model = domain.load_model(name, str(version.version), target, signature, threads)
-            if settings.max_batch_rows and domain.Batcher.suits(model):
-                model.batcher = domain.Batcher(model, settings.max_batch_rows, settings.max_batch_wait_ms / 1000)
-            store.add(model)
-            log.info("serving %s:%s (%s) as %s", version.name, version.version, ref, name)
-    return store
+            found.append((version.name, str(version.version), target, signature, ref))
+    return found
+
+
+def folder_models(root: Path) -> list[FoundModel]:
+    """The versions in `root/<name>/<version>/`, each a model.onnx checked against its model.json
+    (name, version, sha256, signature): how a model image carries its models."""
+
+    def tensor_specs(described: list[dict]) -> list[domain.TensorSpec]:
+        return [domain.TensorSpec(str(t["name"]), str(t["datatype"]), tuple(map(int, t["shape"]))) for t in described]
+
+    if not root.is_dir():
+        raise SystemExit(f"MLMESH_RUNTIME_MODEL_DIR {root} is not a folder")
+    folders = sorted(
+        (folder for folder in root.glob("*/*") if folder.is_dir()),
+        key=lambda folder: (folder.parent.name, int(folder.name) if folder.name.isdigit() else -1, folder.name),
+    )
+    found = []
+    for folder in folders:
+        where = f"{folder.parent.name}/{folder.name} in MLMESH_RUNTIME_MODEL_DIR {root}"
+        missing = [file for file in ("model.onnx", "model.json") if not (folder / file).is_file()]
+        if missing:
+            raise SystemExit(f"model version {where} has no {' and no '.join(missing)}")
+        try:
+            about = json.loads((folder / "model.json").read_text())
+            name, version, sha256 = str(about["name"]), str(about["version"]), str(about["sha256"])
+            signature = domain.Signature(
+                inputs=tensor_specs(about["signature"]["inputs"]),
+                outputs=tensor_specs(about["signature"]["outputs"]),
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise SystemExit(
+                f"model.json of {where} is not valid: {error!r}; it needs name, version, sha256 and "
+                'signature {"inputs": [{"name", "datatype", "shape"}], "outputs": [...]}'
+            ) from None
+        if (name, version) != (folder.parent.name, folder.name):
+            raise SystemExit(f"model.json of {where} says {name}:{version}; the folder must be {name}/{version}")
+        digest = hashlib.sha256()
+        with (folder / "model.onnx").open("rb") as onnx_file:
+            while chunk := onnx_file.read(1024 * 1024):
+                digest.update(chunk)
+        if digest.hexdigest() != sha256.lower():
+            raise SystemExit(
+                f"model.onnx of {where} has sha256 {digest.hexdigest()}, but model.json says {sha256}: "
+                "the file is damaged or not the version it claims to be"
+            )
+        found.append((name, version, folder / "model.onnx", signature, str(folder)))
+    if not found:
+        raise SystemExit(f"MLMESH_RUNTIME_MODEL_DIR {root} holds no model version (<name>/<version>/model.onnx)")
+    return found
 
 
 def build(settings: RuntimeSettings) -> ServiceRuntime:

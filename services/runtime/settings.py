@@ -25,6 +25,10 @@ class RuntimeSettings(ServiceSettings):
     models: str = ""
     """The model versions to serve, comma-separated registry refs: `name:version` or `name@alias`."""
 
+    model_dir: Path | None = None
+    """Serve the model versions in this folder instead of downloading them from the registry: one folder
+    per version, `<name>/<version>/` holding `model.onnx` and `model.json` (name, version, sha256, signature)."""
+
     served_name: str = Field(default="", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,99})?$")
     """The name the one served model answers to instead of its registry name (a deployment serves
     its model under its endpoint's name); needs exactly one model."""

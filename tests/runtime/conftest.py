@@ -35,21 +35,28 @@ def register_adder(registry: RegistryProcess, home: Path) -> str:
     return f"adder:{version.version}"
 
 
-@contextlib.contextmanager
-def spawn_runtime(home: Path, registry: RegistryProcess, models: str, **settings: str) -> Iterator[RuntimeProcess]:
-    """`python -m services.runtime` serving `models`; `settings` become MLMESH_RUNTIME_<NAME> variables."""
-    port, http_port = natsserver.free_port(), natsserver.free_port()
+def runtime_environment(home: Path, registry: RegistryProcess | None, models: str, **settings: str) -> dict[str, str]:
+    """The environment of a runtime process; `settings` become MLMESH_RUNTIME_<NAME> variables."""
     environment = {
         **clean_environment(),
         "MLMESH_HOME": str(home),
-        "MLMESH_RUNTIME_PORT": str(port),
-        "MLMESH_RUNTIME_HTTP_PORT": str(http_port),
         "MLMESH_RUNTIME_MODELS": models,
-        "MLMESH_RUNTIME_REGISTRY_ADDRESS": registry.address,
+        "MLMESH_RUNTIME_REGISTRY_ADDRESS": registry.address if registry else f"127.0.0.1:{natsserver.free_port()}",
         **{f"MLMESH_RUNTIME_{name.upper()}": value for name, value in settings.items() if name != "nats_url"},
     }
     if "nats_url" in settings:
         environment["MLMESH_NATS_URL"] = settings["nats_url"]
+    return environment
+
+
+@contextlib.contextmanager
+def spawn_runtime(
+    home: Path, registry: RegistryProcess | None, models: str, **settings: str
+) -> Iterator[RuntimeProcess]:
+    """`python -m services.runtime` serving `models`; `settings` become MLMESH_RUNTIME_<NAME> variables.
+    Without a registry, the address it is given answers nothing (a model_dir runtime must not ask)."""
+    port, http_port = natsserver.free_port(), natsserver.free_port()
+    environment = runtime_environment(home, registry, models, port=str(port), http_port=str(http_port), **settings)
     address, http = f"127.0.0.1:{port}", f"127.0.0.1:{http_port}"
     process = spawn_service(
         "services.runtime",

@@ -1,0 +1,83 @@
+"""The builder as its own process, as `mlmesh up` runs it, beside a real registry and nats-server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from services.client import BuilderClient
+from services.common import natsserver
+from tests.conftest import RegistryProcess, clean_environment, spawn_service, stop_process
+
+SERVICE = "mlmesh.v1.BuilderService"
+
+
+@dataclass
+class BuilderProcess:
+    address: str
+    home: Path
+    wheels: Path
+    """The folder pip resolves environments from (--find-links, --no-index): no network in tests."""
+    registry: RegistryProcess
+    process: subprocess.Popen[bytes]
+
+    def client(self) -> BuilderClient:
+        return BuilderClient(self.address)
+
+
+def start_builder(home: Path, registry: RegistryProcess, **settings: str) -> BuilderProcess:
+    """`python -m services.builder`; `settings` become MLMESH_BUILDER_<NAME> variables."""
+    wheels = home / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    port = natsserver.free_port()
+    environment = {
+        **clean_environment(),
+        "MLMESH_HOME": str(home),
+        "MLMESH_NATS_URL": registry.nats_url,
+        "MLMESH_BUILDER_PORT": str(port),
+        "MLMESH_BUILDER_REGISTRY_ADDRESS": registry.address,
+        "MLMESH_BUILDER_FIND_LINKS": json.dumps([str(wheels)]),
+        "MLMESH_BUILDER_NO_INDEX": "true",
+        **{f"MLMESH_BUILDER_{name.upper()}": value for name, value in settings.items()},
+    }
+    address = f"127.0.0.1:{port}"
+    process = spawn_service("services.builder", environment, home / "builder.log", address, SERVICE)
+    return BuilderProcess(address, home, wheels, registry, process)
+
+
+@pytest.fixture(scope="module")
+def builder_process(
+    registry_process: RegistryProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BuilderProcess]:
+    """One builder per test module, with small conversion limits so that hostile models fail fast."""
+    home = tmp_path_factory.mktemp("builder-home")
+    builder = start_builder(home, registry_process, convert_wall_seconds="20", convert_memory_mb="1536")
+    try:
+        yield builder
+    finally:
+        stop_process(builder.process)
+
+
+def make_wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
+    """A minimal, installable pure-Python wheel of `name` `version`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    module = name.replace("-", "_")
+    dist_info = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}/__init__.py": f"VERSION = {version!r}\n",
+        f"{dist_info}/METADATA": "Metadata-Version: 2.1\n"
+        f"Name: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires),
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: mlmesh-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    path = folder / f"{module}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for member, text in files.items():
+            wheel.writestr(member, text)
+        wheel.writestr(f"{dist_info}/RECORD", "".join(f"{member},,\n" for member in files) + f"{dist_info}/RECORD,,\n")
+    return path
