@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,22 +61,3 @@ def builder_process(
         yield builder
     finally:
         stop_process(builder.process)
-
-
-def make_wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
-    """A minimal, installable pure-Python wheel of `name` `version`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    module = name.replace("-", "_")
-    dist_info = f"{module}-{version}.dist-info"
-    files = {
-        f"{module}/__init__.py": f"VERSION = {version!r}\n",
-        f"{dist_info}/METADATA": "Metadata-Version: 2.1\n"
-        f"Name: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires),
-        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: mlmesh-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    path = folder / f"{module}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as wheel:
-        for member, text in files.items():
-            wheel.writestr(member, text)
-        wheel.writestr(f"{dist_info}/RECORD", "".join(f"{member},,\n" for member in files) + f"{dist_info}/RECORD,,\n")
-    return path

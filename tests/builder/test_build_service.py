@@ -4,6 +4,8 @@ build announced as image.failed."""
 
 from __future__ import annotations
 
+import json
+import tarfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -11,7 +13,9 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import RandomForestClassifier
+from typer.testing import CliRunner
 
+from services.cli import app
 from services.client import MeshError, RegistryClient
 from tests.builder.conftest import BuilderProcess, start_builder
 from tests.builder.docker_parts import base_image, docker_engine, remove_image, running  # noqa: F401 (fixtures)
@@ -20,6 +24,7 @@ from tests.conftest import RegistryProcess, stop_process, stream_events
 from tests.registry.test_models import tiny_onnx
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +58,18 @@ def test_a_converted_model_becomes_an_image_that_answers_as_the_original(image_b
             assert (again.reused, again.image_id) == (True, image.image_id)
             with RegistryClient(image_builder.registry.address) as registry:
                 assert registry.get(ref).tags["mlmesh.image"] == image.tag
+            shown = runner.invoke(
+                app, ["build", "image", ref, "--json"], env={"MLMESH_BUILDER_ADDRESS": image_builder.address}
+            )
+            assert shown.exit_code == 0, shown.output
+            assert (json.loads(shown.stdout)["image"], json.loads(shown.stdout)["image_id"]) == (
+                image.tag,
+                image.image_id,
+            )
+            size = client.export_image(ref, tmp_path / "image.tar")
+            with tarfile.open(tmp_path / "image.tar") as archive:
+                manifest = json.load(archive.extractfile("manifest.json"))
+            assert size == (tmp_path / "image.tar").stat().st_size and manifest[0]["RepoTags"] == [image.tag]
             with running(docker_engine, image.tag) as container:
                 rows = features[:25].astype(np.float32)
                 triton = triton_grpc.InferenceServerClient(container.grpc)
@@ -67,7 +84,7 @@ def test_a_converted_model_becomes_an_image_that_answers_as_the_original(image_b
                 for event in stream_events(image_builder.registry.nats_url, "mlmesh.events.image.built")
                 if event.data["tag"] == image.tag
             ]
-            assert [data["reused"] for data in built] == [False, True]
+            assert [data["reused"] for data in built] == [False, True, True]
             assert client.list_images("cancer")[0].tag == image.tag
         finally:
             remove_image(docker_engine, image.tag)

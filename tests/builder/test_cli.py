@@ -9,8 +9,8 @@ from sklearn.linear_model import LogisticRegression
 from typer.testing import CliRunner
 
 from services.cli import app
-from tests.builder.conftest import make_wheel
 from tests.builder.test_servicer import register_pickle
+from tests.builder.wheels import make_wheel
 
 runner = CliRunner()
 

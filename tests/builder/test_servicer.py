@@ -18,7 +18,8 @@ from sklearn.linear_model import LogisticRegression
 from services._proto.mlmesh.v1 import builder_pb2, builder_pb2_grpc
 from services.client import MeshError, RegistryClient
 from services.launcher import health_status
-from tests.builder.conftest import SERVICE, BuilderProcess, make_wheel
+from tests.builder.conftest import SERVICE, BuilderProcess
+from tests.builder.wheels import make_wheel
 from tests.conftest import stream_events
 from tests.registry.test_models import tiny_onnx
 
