@@ -4,6 +4,7 @@ the Docker build); this module orders them, records what they produced and emits
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -21,24 +22,27 @@ from sqlmodel import col, func, select
 from services._proto.mlmesh.v1 import common_pb2
 from services.builder import environments
 from services.builder.convert import ConversionLimits, ConversionOptions, ConversionResult, convert_model
-from services.builder.images import BuiltImage, ImageBuilder, ImageSpec, ModelPayload, split_tag
+from services.builder.images import (
+    BuiltImage,
+    ImageBuilder,
+    ImageSpec,
+    ModelPayload,
+    is_reference,
+    runtime_environment,
+    split_tag,
+)
 from services.builder.models import ConversionRow, EnvironmentRow, ImageRow
 from services.common import events, paging
 from services.common.db import Database
 from services.common.errors import FailedPrecondition, InvalidArgument, MlmeshError, NotFound
 from services.common.outbox import Outbox
-from services.runtime.settings import RuntimeSettings
 
 SERVICE = "builder"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-IMAGE_REFERENCE_PATTERN = re.compile(r"[a-z0-9][a-z0-9._/:@-]{0,254}")
-SETTING_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 CONVERTIBLE = ("sklearn", "xgboost", "lightgbm")
 MODEL_SUFFIXES = (".pkl", ".pickle", ".joblib")
 EXAMPLE_NAMES = ("input_example.json", "input_example.csv", "input_example.parquet")
 MAX_IMAGE_MODELS = 16
-# Settings of the runtime that an image fixes itself: where models are, and what it listens on.
-IMAGE_OWNED_SETTINGS = {"models", "model_dir", "served_name", "host", "port", "http_port", "registry_address"}
 EVENT_REQUIREMENTS = 100
 EVENT_REASON_CHARS = 4000
 
@@ -63,7 +67,7 @@ def check_name(value: str, what: str) -> str:
 
 
 def check_base_image(value: str) -> str:
-    if value and not IMAGE_REFERENCE_PATTERN.fullmatch(value):
+    if value and not is_reference(value):
         raise InvalidArgument(
             f"base_image {value[:80]!r} is not an image reference such as python:3.11-slim", field="base_image"
         )
@@ -239,44 +243,23 @@ class Builder:
         return self._record_conversion(source, registered.version, result, time.monotonic() - started)
 
     def _record_conversion(self, source: Any, version: int, result: ConversionResult, seconds: float) -> ConversionRow:
+        # The worker's figures under the same names; what the row adds is who, when and how long.
+        measured = {
+            key: value for key, value in dataclasses.asdict(result).items() if key in ConversionRow.model_fields
+        }
+        measured["quantization_label_agreement"] = result.quantization_label_agreement or 0
+        measured["quantization_max_abs_diff"] = result.quantization_max_abs_diff or 0
         row = ConversionRow(
+            **measured,
             id=str(uuid.uuid4()),
             source_name=source.name,
             source_version=source.version,
-            source_framework=result.source_framework,
-            estimator=result.estimator,
             version=version,
-            rows_checked=result.rows_checked,
-            labels_equal=result.labels_equal,
-            max_abs_diff=result.max_abs_diff,
-            native_one_row_ms=result.native_one_row_ms,
-            onnx_one_row_ms=result.onnx_one_row_ms,
-            native_1000_rows_ms=result.native_1000_rows_ms,
-            onnx_1000_rows_ms=result.onnx_1000_rows_ms,
-            speedup_one_row=result.speedup_one_row,
-            speedup_1000_rows=result.speedup_1000_rows,
-            optimized=result.optimized,
-            quantized=result.quantized,
-            quantization_label_agreement=result.quantization_label_agreement or 0,
-            quantization_max_abs_diff=result.quantization_max_abs_diff or 0,
             seconds=round(seconds, 3),
             created_at=time.time(),
         )
-        payload = events.ModelConverted(
-            conversion_id=row.id,
-            name=row.source_name,
-            source_version=row.source_version,
-            source_framework=row.source_framework,
-            estimator=row.estimator,
-            version=version,
-            rows_checked=row.rows_checked,
-            labels_equal=row.labels_equal,
-            max_abs_diff=row.max_abs_diff,
-            speedup_one_row=row.speedup_one_row,
-            speedup_1000_rows=row.speedup_1000_rows,
-            optimized=row.optimized,
-            quantized=row.quantized,
-        )
+        copied = set(events.ModelConverted.model_fields) - {"conversion_id", "name"}
+        payload = events.ModelConverted(conversion_id=row.id, name=row.source_name, **row.model_dump(include=copied))
         with self.database.transaction() as session:
             session.add(row)
             self.outbox.add(session, events.make_event(SERVICE, payload, f"models/{source.name}/versions/{version}"))
@@ -309,7 +292,8 @@ class Builder:
         check_base_image(base_image)
         if tag:
             check_base_image(tag)
-        check_runtime_settings(runtime_settings)
+        # The image builder's own check, before any model is fetched.
+        runtime_environment(runtime_settings)
         if push and not self.push_registry:
             raise FailedPrecondition(
                 "pushing needs a registry: set MLMESH_BUILDER_PUSH_REGISTRY (e.g. registry.example.com/ml)",
@@ -335,7 +319,7 @@ class Builder:
                 lock_text=environment.lock_text if environment else "",
                 python_version=environment.python_version if environment else "3.11",
                 base_image=base,
-                runtime_settings={f"MLMESH_RUNTIME_{key.upper()}": value for key, value in runtime_settings.items()},
+                runtime_settings=runtime_settings,
                 tag=tag or None,
             )
             built = self.images.build(spec, on_log)
@@ -423,7 +407,7 @@ class Builder:
             raise InvalidArgument("name an image tag or a model version", field="image")
         with self.database.session() as session:
             row = session.exec(select(ImageRow).where(ImageRow.tag == image)).first()
-            if row is None and IMAGE_REFERENCE_PATTERN.fullmatch(image) is None:
+            if row is None and not is_reference(image):
                 check_name(image.partition(":")[0], "image")
             if row is None:
                 version = self.registry.get(image)
@@ -446,18 +430,6 @@ class Builder:
 
 def environment_subject(row: EnvironmentRow) -> str:
     return f"environments/{row.name}/versions/{row.version}"
-
-
-def check_runtime_settings(settings: dict[str, str]) -> None:
-    known = set(RuntimeSettings.model_fields) - IMAGE_OWNED_SETTINGS
-    for key, value in settings.items():
-        if not SETTING_PATTERN.fullmatch(key) or key not in known:
-            raise InvalidArgument(
-                f"runtime setting {key[:64]!r} is not one an image can set; choose from {', '.join(sorted(known))}",
-                field="runtime_settings",
-            )
-        if len(value) > 1000 or "\n" in value:
-            raise InvalidArgument(f"runtime setting {key}: the value must be one line", field="runtime_settings")
 
 
 def model_file(folder: Path, paths: list[str], ref: str) -> Path:

@@ -211,8 +211,13 @@ def spec_digest(python_version: str, requirements: list[str], base_image: str) -
 
 def target_architecture() -> str:
     """This machine's architecture as manylinux tags name it (x86_64, aarch64, ...)."""
-    machine = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    return manylinux_architecture(platform.machine())
+
+
+def manylinux_architecture(name: str) -> str:
+    """An architecture as a machine or Docker engine names it (amd64, arm64, x86_64) as manylinux tags do."""
+    name = name.lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(name, name)
 
 
 def manylinux_platforms(architecture: str) -> list[str]:

@@ -51,6 +51,7 @@ from packaging.utils import canonicalize_name
 from pydantic import AliasChoices, TypeAdapter, ValidationError
 
 import services
+from services.builder.environments import manylinux_architecture, target_options
 from services.common.errors import (
     DataLoss,
     FailedPrecondition,
@@ -217,7 +218,7 @@ class ImageBuilder:
             "lock": spec.lock_text.strip(),
             "python": spec.python_version,
             "base_image": [spec.base_image, base_id],
-            "runtime_settings": sorted(_runtime_environment(spec.runtime_settings).items()),
+            "runtime_settings": sorted(runtime_environment(spec.runtime_settings).items()),
             "runtime": self.runtime_digest(),
         }
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
@@ -233,7 +234,7 @@ class ImageBuilder:
         """Reuse when the key exists; else make the context and build; every build-log line and step
         ("downloading wheels", ...) goes to on_log as it happens."""
         lines = validate(spec)
-        environment = _runtime_environment(spec.runtime_settings)
+        environment = runtime_environment(spec.runtime_settings)
         with self._engine() as engine:
             base_id = _ensure_base_image(engine, spec.base_image, on_log)
             key = self._key(spec, base_id)
@@ -314,7 +315,7 @@ class ImageBuilder:
         locked = {canonicalize_name(Requirement(_requirement_part(line)).name) for line in lock_lines}
         runtime = "".join(line + "\n" for line in runtime_requirements(locked))
         constraints = "".join(line + "\n" for line in _constraints(lock_lines))
-        platform_options = _platform_options(python_version, architecture)
+        platform_options = target_options(python_version, manylinux_architecture(architecture))
         asked = json.dumps([lock, runtime, constraints, platform_options, self.pip_arguments]).encode()
         target = self.work_dir / "wheels" / hashlib.sha256(asked).hexdigest()
         if (target / "SHA256SUMS").exists():
@@ -325,7 +326,7 @@ class ImageBuilder:
             (partial / "lock.txt").write_text(lock)
             (partial / "runtime.txt").write_text(runtime)
             (partial / "constraints.txt").write_text(constraints)
-            download = [self.python, "-m", "pip", "download", "--only-binary=:all:", "--dest", str(partial)]
+            download = [self.python, "-m", "pip", "download", "--dest", str(partial)]
             download += [*platform_options, "--progress-bar", "off", *self.pip_arguments]
             if lock_lines:
                 on_log(f"downloading wheels of the environment lock for Python {python_version} ({architecture})")
@@ -561,9 +562,9 @@ def validate(spec: ImageSpec) -> list[str]:
             f"python_version {spec.python_version[:40]!r} must be 3.X with X >= 11 (mlmesh's runtime needs 3.11+)",
             field="python_version",
         )
-    if not _is_reference(spec.base_image):
+    if not is_reference(spec.base_image):
         raise InvalidArgument(f"base image {spec.base_image[:200]!r} is not an image reference", field="base_image")
-    if spec.tag is not None and not _is_reference(spec.tag):
+    if spec.tag is not None and not is_reference(spec.tag):
         raise InvalidArgument(
             f"tag {spec.tag[:200]!r} is not an image reference ([host[:port]/]path[:tag], lowercase path)",
             field="tag",
@@ -668,7 +669,7 @@ def _constraints(lock_lines: list[str]) -> list[str]:
     return constraints
 
 
-def _is_reference(reference: str) -> bool:
+def is_reference(reference: str) -> bool:
     if not reference or len(reference) > 255:
         return False
     repository, _, tag = reference.rpartition(":") if _has_tag(reference) else (reference, "", "")
@@ -693,7 +694,7 @@ def default_tag(spec: ImageSpec, key: str) -> str:
     return f"mlmesh-model-{name}:{first.version}-{key[:12]}"
 
 
-def _runtime_environment(settings: dict[str, str]) -> dict[str, str]:
+def runtime_environment(settings: dict[str, str]) -> dict[str, str]:
     """The container's environment for runtime settings named by RuntimeSettings field (max_batch_rows)
     or by their variable (MLMESH_RUNTIME_MAX_BATCH_ROWS); InvalidArgument for names the runtime does
     not have, that the image sets itself, or values it would refuse."""
@@ -778,21 +779,6 @@ def runtime_requirements(locked: Collection[str] = ()) -> list[str]:
         except package_metadata.PackageNotFoundError:
             lines.append(f"{name}{ranges.get(canonicalize_name(name), '')}")
     return lines
-
-
-def _platform_options(python_version: str, architecture: str) -> list[str]:
-    """pip's target options: CPython `python_version` on glibc Linux. Debian bookworm has glibc 2.36
-    and the python:3.X-slim images a newer one, so manylinux tags up to 2.36 fit both."""
-    architecture = {"amd64": "x86_64", "arm64": "aarch64"}.get(architecture, architecture)
-    tags = [f"manylinux_2_{minor}_{architecture}" for minor in range(36, 16, -1)]
-    tags.append(f"manylinux2014_{architecture}")
-    if architecture == "x86_64":
-        tags += ["manylinux2010_x86_64", "manylinux1_x86_64"]
-    abi = "cp" + python_version.replace(".", "")
-    options = ["--python-version", python_version, "--implementation", "cp", "--abi", abi]
-    for tag in tags:
-        options += ["--platform", tag]
-    return options
 
 
 def _has_wheel(context: Path) -> bool:
