@@ -34,6 +34,7 @@ from rich.progress import (
     DownloadColumn,
     Progress,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
@@ -251,6 +252,13 @@ def transfer_progress(description: str, enabled: bool) -> Iterator[ProgressCallb
             progress.update(task, completed=done, total=total)
 
         yield advance
+
+
+def progress_bar(*columns: Any, quiet: bool) -> Progress:
+    """A progress bar on stderr (description, bar, then `columns`) that goes away when done; none when quiet."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), *columns, console=error_console, transient=True, disable=quiet
+    )
 
 
 def new_table(*headers: str, **options: Any) -> Table:
@@ -1043,7 +1051,8 @@ DeployerOption = Annotated[
         show_default=False,
     ),
 ]
-DEPLOY_WAIT_SECONDS = 300
+# A docker deployment's first image build takes minutes.
+DEPLOY_WAIT_SECONDS = 900
 
 
 def deployment_status(status: int) -> str:
@@ -1110,6 +1119,10 @@ def deploy_create(
     memory: Annotated[int, typer.Option("--memory", min=0, help="Memory per replica in MiB (0: no limit).")] = 0,
     replicas: Annotated[int, typer.Option(min=1, help="How many copies serve the deployment.")] = 1,
     capture: Annotated[bool, typer.Option(help="Capture requests and answers to MLMESH_CAPTURE.")] = False,
+    image: Annotated[
+        str,
+        typer.Option(help="docker target: an image serving the model (default: the builder builds one)."),
+    ] = "",
     wait: Annotated[bool, typer.Option(help="Wait until the deployment is ready (or failed).")] = True,
     address: DeployerOption = None,
     as_json: JsonOption = False,
@@ -1126,6 +1139,7 @@ def deploy_create(
             replicas=replicas,
             traffic=traffic,
             capture=capture,
+            image=image,
         )
         result = client.get(endpoint)
         if wait:
@@ -1151,7 +1165,8 @@ def wait_for_deployment(client: DeployerClient, endpoint: str, deployment: str, 
                 return result
             if spinner is not None:
                 ready = sum(r.status == deployer_pb2.REPLICA_STATUS_READY for r in state.replica_states)
-                spinner.update(f"deploying {endpoint}/{deployment}: {ready}/{state.replicas} replicas ready")
+                doing = f" ({state.message[:100]})" if state.message else ""
+                spinner.update(f"deploying {endpoint}/{deployment}: {ready}/{state.replicas} replicas ready{doing}")
             time.sleep(0.3)
 
 
@@ -1428,14 +1443,8 @@ def batch_run(
 def follow_batch(client: DeployerClient, job_id: str, quiet: bool) -> deployer_pb2.BatchJob:
     """Poll a job until it ends, with a progress bar of mini-batches on stderr."""
     ended = (deployer_pb2.BATCH_JOB_STATUS_COMPLETED, deployer_pb2.BATCH_JOB_STATUS_FAILED)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} mini-batches"),
-        TimeRemainingColumn(),
-        console=error_console,
-        transient=True,
-        disable=quiet,
+    with progress_bar(
+        TextColumn("{task.completed}/{task.total} mini-batches"), TimeRemainingColumn(), quiet=quiet
     ) as progress:
         task = progress.add_task(f"batch {job_id}", total=None)
         while True:
@@ -1666,6 +1675,9 @@ def image_dict(image: builder_pb2.Image) -> dict[str, Any]:
     return to_dict(image) | {"image": image.tag}
 
 
+BUILD_STEP = re.compile(r"Step (\d+)/(\d+)")
+
+
 @build_app.command("image")
 def build_image(
     refs: Annotated[list[str], typer.Argument(help="Model versions to serve (each with an .onnx file).")],
@@ -1686,14 +1698,23 @@ def build_image(
     (gRPC 8001, REST 8000). The same models, environment and runtime reuse an existing image."""
     settings = parse_pairs(setting, "--setting")
     with builder(address) as client:
-        with contextlib.ExitStack() as stack:
-            status = None if as_json else stack.enter_context(error_console.status("building"))
+        with progress_bar(TextColumn("{task.fields[step]}"), TimeElapsedColumn(), quiet=as_json) as progress:
+            task = progress.add_task("preparing", total=None, step="")
 
             def on_log(line: str) -> None:
-                if status is not None and line.strip():
-                    status.update(f"building: {escape(line.strip()[:100])}")
-                    if line.startswith(("Step ", "== ")):
-                        error_console.print(escape(line.rstrip()), style="dim")
+                """Docker's `Step N/M` lines move the bar; the steps before it (wheels, context) show as text."""
+                line = line.strip()
+                if not line:
+                    return
+                step = BUILD_STEP.match(line)
+                if step:
+                    done, total = int(step.group(1)), int(step.group(2))
+                    progress.update(task, description="docker build", completed=done - 1, total=total)
+                    progress.update(task, step=f"step {done}/{total}")
+                    if not as_json:
+                        progress.console.print(escape(line[:200]), style="dim")
+                elif progress.tasks[0].total is None:
+                    progress.update(task, description=escape(line[:80]))
 
             image = client.build_image(
                 refs,

@@ -620,6 +620,7 @@ class DeployerClient(_ServiceClient):
         replicas: int = 1,
         traffic: int | None = None,
         capture: bool = False,
+        image: str = "",
     ) -> deployer_pb2.Deployment:
         """Add a deployment (and the endpoint when new); it starts in status CREATING."""
         request = deployer_pb2.CreateDeploymentRequest(
@@ -631,6 +632,7 @@ class DeployerClient(_ServiceClient):
             replicas=replicas,
             traffic=traffic,
             capture=capture,
+            image=image,
         )
         return self._call(self._stub.CreateDeployment, request).deployment
 

@@ -37,7 +37,7 @@ SERVICES: dict[str, tuple[str, int, str]] = {
 # Settings through which a service finds another it calls: variable -> the service it names.
 DEPENDENCIES: dict[str, dict[str, str]] = {
     "builder": {"MLMESH_BUILDER_REGISTRY_ADDRESS": "registry"},
-    "deployer": {"MLMESH_DEPLOYER_REGISTRY_ADDRESS": "registry"},
+    "deployer": {"MLMESH_DEPLOYER_REGISTRY_ADDRESS": "registry", "MLMESH_DEPLOYER_BUILDER_ADDRESS": "builder"},
 }
 
 STATE_FILE = "mesh.json"

@@ -44,13 +44,14 @@ class NatsServer:
     port: int
     store: Path
     process: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{self.host}:{self.port}"
 
     def start(self) -> None:
-        self.process = natsserver.start(self.store, self.port, self.store.parent / "nats.log")
+        self.process = natsserver.start(self.store, self.port, self.store.parent / "nats.log", self.host)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -27,13 +27,12 @@ from services.builder.images import (
     ImageBuilder,
     ImageSpec,
     ModelPayload,
-    is_reference,
     runtime_environment,
-    split_tag,
 )
 from services.builder.models import ConversionRow, EnvironmentRow, ImageRow
 from services.common import events, paging
 from services.common.db import Database
+from services.common.docker_engine import is_reference, split_tag
 from services.common.errors import FailedPrecondition, InvalidArgument, MlmeshError, NotFound
 from services.common.outbox import Outbox
 

@@ -52,6 +52,8 @@ from pydantic import AliasChoices, TypeAdapter, ValidationError
 
 import services
 from services.builder.environments import manylinux_architecture, target_options
+from services.common import docker_engine
+from services.common.docker_engine import is_reference, split_tag
 from services.common.errors import (
     DataLoss,
     FailedPrecondition,
@@ -87,11 +89,6 @@ RUNTIME_PACKAGES = (
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PYTHON_VERSION = re.compile(r"3\.(1[1-9]|[2-9][0-9])")
-# An image reference as Docker takes it: [host[:port]/]path[:tag], path components lowercase.
-PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-REGISTRY_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]+)?"
-REPOSITORY = re.compile(rf"(?:{REGISTRY_HOST}/)?{PATH_COMPONENT}(?:/{PATH_COMPONENT})*")
-TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 HASH_OPTION = re.compile(r"--hash[= ](sha256|sha384|sha512):[0-9a-fA-F]+")
 MAX_LOCK_BYTES = 1024 * 1024
 TENSOR_DATATYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
@@ -473,7 +470,7 @@ class ImageBuilder:
     def push(self, tag: str, repository: str, on_log: Callable[[str], None]) -> str:
         """Tag as repository:tag-part and push; returns the pushed reference (with digest when the
         registry gives one). The extra local tag is removed again afterwards."""
-        if not REPOSITORY.fullmatch(repository or ""):
+        if not docker_engine.REPOSITORY.fullmatch(repository or ""):
             raise InvalidArgument(
                 f"repository {repository[:200]!r} is not a Docker repository ([host[:port]/]path, lowercase)",
                 field="repository",
@@ -511,25 +508,9 @@ class ImageBuilder:
 
     # ------------------------------------------------------------------ engine
 
-    @contextlib.contextmanager
-    def _engine(self) -> Iterator[docker.APIClient]:
-        """A client of the Docker engine (the API version it speaks), closed afterwards."""
-        options: dict[str, Any] = {"base_url": self.docker_url} if self.docker_url else docker.utils.kwargs_from_env()
-        where = options.get("base_url") or "unix:///var/run/docker.sock"
-        try:
-            engine = docker.APIClient(version="auto", timeout=30, **options)
-        except docker.errors.DockerException as error:
-            raise Unavailable(
-                f"no Docker engine answers at {where}: start dockerd or set DOCKER_HOST ({error})"
-            ) from None
-        # Builds and archives stream for minutes: only the first answer was worth a short wait.
-        engine.timeout = BUILD_TIMEOUT_SECONDS
-        try:
-            yield engine
-        except requests.exceptions.ConnectionError as error:
-            raise Unavailable(f"the Docker engine at {where} stopped answering: {error}") from None
-        finally:
-            engine.close()
+    def _engine(self) -> contextlib.AbstractContextManager[docker.APIClient]:
+        """A client of the Docker engine; builds and archives stream for minutes."""
+        return docker_engine.engine(self.docker_url, timeout=BUILD_TIMEOUT_SECONDS)
 
 
 # ---------------------------------------------------------------------- validation
@@ -667,25 +648,6 @@ def _constraints(lock_lines: list[str]) -> list[str]:
         marker = f"; {requirement.marker}" if requirement.marker else ""
         constraints.append(f"{requirement.name}{requirement.specifier}{marker}")
     return constraints
-
-
-def is_reference(reference: str) -> bool:
-    if not reference or len(reference) > 255:
-        return False
-    repository, _, tag = reference.rpartition(":") if _has_tag(reference) else (reference, "", "")
-    return bool(REPOSITORY.fullmatch(repository)) and (not tag or bool(TAG.fullmatch(tag)))
-
-
-def _has_tag(reference: str) -> bool:
-    return ":" in reference.rsplit("/", 1)[-1]
-
-
-def split_tag(reference: str) -> tuple[str, str]:
-    """(repository, tag) of an image reference; the tag defaults to "latest"."""
-    if _has_tag(reference):
-        repository, _, tag = reference.rpartition(":")
-        return repository, tag
-    return reference, "latest"
 
 
 def default_tag(spec: ImageSpec, key: str) -> str:

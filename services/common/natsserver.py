@@ -38,14 +38,14 @@ def wait_for_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> 
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
-def start(store: Path, port: int, log_file: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start nats-server with JetStream storing under `store`, listening on 127.0.0.1:`port`."""
+def start(store: Path, port: int, log_file: Path | None = None, host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
+    """Start nats-server with JetStream storing under `store`, listening on `host`:`port`."""
     store.mkdir(parents=True, exist_ok=True)
-    command = [binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
+    command = [binary(), "-a", host, "-p", str(port), "-js", "-sd", str(store)]
     output = log_file.open("ab") if log_file else subprocess.DEVNULL
     process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for_port(port)
+        wait_for_port(port, host=host)
     except TimeoutError:
         process.kill()
         raise

@@ -21,6 +21,7 @@ from sqlmodel import Session, col, select
 
 from services.common import events, paging
 from services.common.db import Database
+from services.common.docker_engine import is_reference
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.outbox import Outbox
 from services.deployer.models import BatchJobRow, DeploymentRow, EndpointRow, ReplicaRow
@@ -77,6 +78,8 @@ class DeploymentSpec:
     replicas: int = 1
     traffic: int | None = None
     capture: bool = False
+    image: str = ""
+    """docker target: an image that serves the model (empty: the builder builds one)."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,7 @@ class DeploymentView:
     traffic: int
     mirror: int
     capture: bool
+    image: str
     status: str
     message: str
     created_at: float
@@ -222,11 +226,12 @@ def check_spec(spec: DeploymentSpec) -> None:
         raise InvalidArgument("model_ref is required: `name:version`, `name@alias` or `name`", field="model_ref")
     if spec.target not in TARGETS:
         raise InvalidArgument(f"target {spec.target[:50]!r} is not one of {', '.join(TARGETS)}", field="target")
-    if spec.target == "docker":
-        raise FailedPrecondition(
-            "the docker target runs the builder's images, and the builder is not part of this mesh yet; "
-            "use --target local, or kubernetes to render manifests",
-            field="target",
+    if spec.image and spec.target != "docker":
+        raise InvalidArgument(f"an image is for the docker target, not {spec.target}", field="image")
+    if spec.image and not is_reference(spec.image):
+        raise InvalidArgument(
+            f"image {spec.image[:100]!r} is not a Docker image reference ([host[:port]/]path[:tag], lowercase path)",
+            field="image",
         )
     if not 1 <= spec.replicas <= MAX_REPLICAS:
         raise InvalidArgument(f"replicas must be between 1 and {MAX_REPLICAS}, not {spec.replicas}", field="replicas")
@@ -372,6 +377,7 @@ class Deployer:
                 replicas=spec.replicas,
                 traffic=traffic,
                 capture=spec.capture,
+                image=spec.image,
                 status=CREATING,
                 created_at=now,
                 updated_at=now,
@@ -562,6 +568,28 @@ class Deployer:
                 self._emit(session, row, unhealthy, replica=index, reason=reason[:2000], restarts=replica.restarts)
             else:
                 session.add(row)
+
+    def deployment_image(self, deployment_id: int, image: str) -> None:
+        """The image a docker deployment's replicas run, once the builder has it."""
+        with self.database.transaction() as session:
+            row = session.get(DeploymentRow, deployment_id)
+            if row is not None and not row.image:
+                row.image = image
+                row.message = f"image {image}"
+                row.updated_at = time.time()
+                session.add(row)
+
+    def deployment_failed(self, deployment_id: int, reason: str) -> None:
+        """The deployment cannot run as it is (say, its image could not be built): failed, for good."""
+        with self.database.transaction() as session:
+            row = session.get(DeploymentRow, deployment_id)
+            if row is None or row.status in (FAILED, DELETING):
+                return
+            row.status = FAILED
+            row.message = reason[:2000]
+            row.updated_at = time.time()
+            session.add(row)
+            self._emit(session, row, events.DeploymentFailed, reason=row.message)
 
     def deployment_message(self, deployment_id: int, message: str) -> None:
         """Note what the target reported (e.g. where a kubernetes deployment's manifests are)."""

@@ -12,6 +12,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from services.common.natsserver import free_port
 from services.launcher import is_alive, record_process, spawn_module, terminate
@@ -31,6 +32,31 @@ class ReplicaLaunch:
     """`name:version` in the registry."""
     cpus: float
     capture: bool
+    memory_mb: int = 0
+    image: str = ""
+    """docker target: the image that serves `model`."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.endpoint}-{self.deployment}-{self.index}"
+
+
+class ReplicaRunner(Protocol):
+    """How a target runs replicas: the local processes here, or containers (services.deployer.containers)."""
+
+    def start_replica(self, launch: ReplicaLaunch) -> Started: ...
+
+    def replica_running(self, launch: ReplicaLaunch, instance: str) -> bool: ...
+
+    def replica_reason(self, launch: ReplicaLaunch, instance: str) -> str:
+        """Why the replica stopped or is not ready: the last line it logged (and how it exited)."""
+        ...
+
+    def stop_replica(self, launch: ReplicaLaunch, instance: str) -> None:
+        """Stop it (draining in-flight requests first) and clean up what is left of it."""
+        ...
+
+    def replica_logs(self, launch: ReplicaLaunch, instance: str, lines: int) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -83,6 +109,9 @@ class LocalProcesses:
     def replica_log(self, endpoint: str, deployment: str, index: int) -> Path:
         return self.log_dir / endpoint / f"{deployment}-{index}.log"
 
+    def launch_log(self, launch: ReplicaLaunch) -> Path:
+        return self.replica_log(launch.endpoint, launch.deployment, launch.index)
+
     def router_log(self, endpoint: str) -> Path:
         return self.log_dir / endpoint / "router.log"
 
@@ -100,10 +129,21 @@ class LocalProcesses:
             "MLMESH_RUNTIME_ENDPOINT": launch.endpoint,
             "MLMESH_RUNTIME_DEPLOYMENT": launch.deployment,
         }
-        log = self.replica_log(launch.endpoint, launch.deployment, launch.index)
-        name = f"{launch.endpoint}-{launch.deployment}-{launch.index}"
-        process = self.spawn(RUNTIME_MODULE, environment, log, name)
+        log = self.launch_log(launch)
+        process = self.spawn(RUNTIME_MODULE, environment, log, launch.name)
         return Started(instance_of(process), grpc_port, http_port)
+
+    def replica_running(self, launch: ReplicaLaunch, instance: str) -> bool:
+        return running(instance, RUNTIME_MODULE)
+
+    def replica_reason(self, launch: ReplicaLaunch, instance: str) -> str:
+        return exit_reason(self.launch_log(launch))
+
+    def stop_replica(self, launch: ReplicaLaunch, instance: str) -> None:
+        stop(instance, RUNTIME_MODULE)
+
+    def replica_logs(self, launch: ReplicaLaunch, instance: str, lines: int) -> list[str]:
+        return last_lines(self.launch_log(launch), lines)
 
     def start_router(self, endpoint: str, routes_file: Path, grpc_port: int, http_port: int) -> str:
         environment = {

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from services._proto.mlmesh.v1 import deployer_pb2, deployer_pb2_grpc
-from services.client import RegistryClient
+from services.client import BuilderClient, RegistryClient
 from services.common.db import Database
 from services.common.natsserver import free_port
 from services.common.outbox import Outbox
 from services.common.remote import RemoteCalls
 from services.common.server import ServiceRuntime, run_service, service_runtime
 from services.deployer.batch import BatchRunner
+from services.deployer.containers import DockerContainers
 from services.deployer.domain import Deployer
 from services.deployer.local import LocalProcesses
 from services.deployer.models import TABLES, create_tables
@@ -39,12 +40,22 @@ def build(settings: DeployerSettings) -> ServiceRuntime:
     processes = LocalProcesses(
         settings.home, settings.registry_address, settings.nats_url, settings.log_level, settings.endpoint_host
     )
+    containers = DockerContainers(
+        settings.docker_url,
+        str(settings.home),
+        settings.resolved_container_nats_url(),
+        settings.log_level,
+        processes.launch_log,
+    )
+    builder = RemoteCalls(BuilderClient(settings.builder_address, actor="deployer"), "builder")
     reconciler = Reconciler(
         deployer,
         processes,
         interval_seconds=settings.reconcile_seconds,
         ready_timeout_seconds=settings.ready_timeout_seconds,
         cluster=settings,
+        containers=containers,
+        builder=builder,
     )
     batches = BatchRunner(
         deployer, processes, registry, settings.nats_url, ack_wait_seconds=settings.batch_ack_wait_seconds

@@ -41,6 +41,8 @@ class DeploymentRow(SQLModel, table=True):
     traffic: int = 0
     mirror: int = 0
     capture: bool = False
+    image: str = ""
+    """docker target: the image its replicas run (given, or built by the builder at deploy time)."""
     status: str
     message: str = ""
     was_ready: bool = False

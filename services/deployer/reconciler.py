@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services.common.errors import MlmeshError, Unavailable
+from services.deployer import containers as containers_module
 from services.deployer import domain, kubernetes, local
 from services.deployer.models import DeploymentRow, EndpointRow, ReplicaRow
 from services.deployer.settings import DeployerSettings
@@ -62,6 +64,14 @@ def routes_for(endpoint: str, deployments: list[tuple[DeploymentRow, list[Replic
     return {"endpoint": endpoint, "deployments": entries}
 
 
+def launch_of(row: DeploymentRow, replica: ReplicaRow) -> local.ReplicaLaunch:
+    """What one replica of a deployment runs, as its target's runner takes it."""
+    model = f"{row.model_name}:{row.model_version}"
+    return local.ReplicaLaunch(
+        row.endpoint, row.name, replica.index, model, row.cpus, row.capture, row.memory_mb, row.image
+    )
+
+
 class Reconciler:
     def __init__(
         self,
@@ -71,10 +81,20 @@ class Reconciler:
         interval_seconds: float,
         ready_timeout_seconds: float,
         cluster: DeployerSettings | None = None,
+        containers: containers_module.DockerContainers | None = None,
+        builder: Any = None,
     ) -> None:
         self.deployer = deployer
         self.cluster = cluster or DeployerSettings()
         self.processes = processes
+        self.containers = containers or containers_module.DockerContainers(
+            self.cluster.docker_url, str(processes.home), None, processes.log_level, processes.launch_log
+        )
+        self.runners: dict[str, local.ReplicaRunner] = {"local": processes, "docker": self.containers}
+        self.builder = builder
+        """The builder's client (services.client.BuilderClient in RemoteCalls): builds docker images."""
+        self._builds: dict[int, asyncio.Task[str]] = {}
+        self._build_lines: dict[int, str] = {}
         self.interval_seconds = interval_seconds
         self.ready_timeout_seconds = ready_timeout_seconds
         self.routes_dir = processes.home / "deployer" / "endpoints"
@@ -117,6 +137,8 @@ class Reconciler:
                 continue
             if row.target == "kubernetes":
                 await self._reconcile_cluster(row)
+                continue
+            if row.target == "docker" and not await self._image_ready(row):
                 continue
             await asyncio.gather(*(self._reconcile_replica(row, replica) for replica in replicas))
         deployments = await self._db(self.deployer.deployment_rows, endpoint.name)
@@ -224,14 +246,30 @@ class Reconciler:
         await self._db(self.deployer.router_started, endpoint.name, instance)
         log.info("endpoint %s: router started (%s) on 127.0.0.1:%s", endpoint.name, instance, endpoint.grpc_port)
 
+    def runner(self, row: DeploymentRow) -> local.ReplicaRunner:
+        return self.runners[row.target]
+
+    async def replica_logs(self, endpoint: str, deployment: str, index: int, lines: int) -> list[str]:
+        """The last `lines` lines a replica logged (running or, as far as kept, before)."""
+        for row, replicas in await self._db(self.deployer.deployment_rows, endpoint):
+            for replica in replicas:
+                if row.name == deployment and replica.index == index:
+                    launch = launch_of(row, replica)
+                    return await asyncio.to_thread(self.runner(row).replica_logs, launch, replica.instance, lines)
+        return []
+
     async def _reconcile_replica(self, row: DeploymentRow, replica: ReplicaRow) -> None:
         assert row.id is not None
         now = time.time()
+        runner, launch = self.runner(row), launch_of(row, replica)
         if not replica.instance:
             if replica.status != domain.STOPPED and now >= replica.next_start_at:
-                model = f"{row.model_name}:{row.model_version}"
-                launch = local.ReplicaLaunch(row.endpoint, row.name, replica.index, model, row.cpus, row.capture)
-                started = await asyncio.to_thread(self.processes.start_replica, launch)
+                try:
+                    started = await asyncio.to_thread(runner.start_replica, launch)
+                except MlmeshError as error:
+                    await self._db(self.deployer.replica_down, row.id, replica.index, error.message, backoff_seconds)
+                    log.warning("%s/%s replica %d did not start: %s", row.endpoint, row.name, replica.index, error)
+                    return
                 await self._db(
                     self.deployer.replica_started,
                     row.id,
@@ -242,9 +280,10 @@ class Reconciler:
                 )
                 log.info("%s/%s replica %d started (%s)", row.endpoint, row.name, replica.index, started.instance)
             return
-        log_file = self.processes.replica_log(row.endpoint, row.name, replica.index)
-        if not local.running(replica.instance, local.RUNTIME_MODULE):
-            reason = f"the runtime process exited: {local.exit_reason(log_file)}"
+        if not await asyncio.to_thread(runner.replica_running, launch, replica.instance):
+            reason = await asyncio.to_thread(runner.replica_reason, launch, replica.instance)
+            reason = f"the runtime exited: {reason}"
+            await asyncio.to_thread(runner.stop_replica, launch, replica.instance)  # what is left of it
             await self._db(self.deployer.replica_down, row.id, replica.index, reason, backoff_seconds)
             log.warning("%s/%s replica %d down: %s", row.endpoint, row.name, replica.index, reason)
             return
@@ -255,23 +294,69 @@ class Reconciler:
             return
         if replica.status == domain.STARTING:
             if now - replica.started_at > self.ready_timeout_seconds:
-                await self._restart(
-                    row, replica, f"not ready within {self.ready_timeout_seconds:.0f}s: {local.exit_reason(log_file)}"
-                )
+                reason = await asyncio.to_thread(runner.replica_reason, launch, replica.instance)
+                await self._restart(row, replica, f"not ready within {self.ready_timeout_seconds:.0f}s: {reason}")
             return
         failed = await self._db(self.deployer.replica_check_failed, row.id, replica.index)
         if failed >= FAILED_CHECKS_BEFORE_RESTART:
             await self._restart(row, replica, f"{failed} health checks in a row failed ({status})")
 
     async def _restart(self, row: DeploymentRow, replica: ReplicaRow, reason: str) -> None:
-        await asyncio.to_thread(local.stop, replica.instance, local.RUNTIME_MODULE)
+        await asyncio.to_thread(self.runner(row).stop_replica, launch_of(row, replica), replica.instance)
         await self._db(self.deployer.replica_down, row.id, replica.index, reason, backoff_seconds)
         log.warning("%s/%s replica %d restarted: %s", row.endpoint, row.name, replica.index, reason)
 
     async def _stop_replica(self, row: DeploymentRow, replica: ReplicaRow) -> None:
         assert row.id is not None
-        await asyncio.to_thread(local.stop, replica.instance, local.RUNTIME_MODULE)
+        await asyncio.to_thread(self.runner(row).stop_replica, launch_of(row, replica), replica.instance)
         await self._db(self.deployer.replica_stopped, row.id, replica.index)
+
+    # ------------------------------------------------------------ the docker target's image
+
+    async def _image_ready(self, row: DeploymentRow) -> bool:
+        """Whether the docker deployment's image is known. If not, the builder builds it (in the
+        background: a first build takes minutes); the deployment's message follows the build, and
+        a build that fails fails the deployment."""
+        assert row.id is not None
+        if row.image:
+            return True
+        task = self._builds.get(row.id)
+        if task is None:
+            if self.builder is None:
+                await self._db(self.deployer.deployment_failed, row.id, "no builder is configured to build its image")
+                return False
+            self._builds[row.id] = asyncio.create_task(asyncio.to_thread(self._build_image, row))
+            await self._db(self.deployer.deployment_message, row.id, "building its image")
+            return False
+        if not task.done():
+            line = self._build_lines.get(row.id)
+            if line:
+                await self._db(self.deployer.deployment_message, row.id, f"building its image: {line}")
+            return False
+        del self._builds[row.id]
+        self._build_lines.pop(row.id, None)
+        try:
+            image = task.result()
+        except Unavailable as error:  # the builder or the engine is away: asked again next pass
+            await self._db(self.deployer.deployment_message, row.id, f"waiting to build its image: {error.message}")
+            return False
+        except MlmeshError as error:
+            await self._db(self.deployer.deployment_failed, row.id, f"its image could not be built: {error.message}")
+            return False
+        await self._db(self.deployer.deployment_image, row.id, image)
+        log.info("%s/%s: image %s", row.endpoint, row.name, image)
+        row.image = image
+        return True
+
+    def _build_image(self, row: DeploymentRow) -> str:
+        assert row.id is not None
+        deployment_id = row.id
+
+        def progress(line: str) -> None:
+            self._build_lines[deployment_id] = line[:300]
+
+        image = self.builder.build_image([f"{row.model_name}:{row.model_version}"], on_log=progress)
+        return str(image.tag)
 
     def _loaded_file(self, endpoint: str) -> Path:
         routes = self.routes_file(endpoint)

@@ -11,7 +11,7 @@ import grpc
 from services._proto.mlmesh.v1 import deployer_pb2, deployer_pb2_grpc
 from services.common.convert import timestamp
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.deployer import domain, local
+from services.deployer import domain
 from services.deployer.batch import BatchRunner
 from services.deployer.reconciler import Reconciler
 
@@ -44,6 +44,7 @@ def spec_from_proto(request: deployer_pb2.CreateDeploymentRequest) -> domain.Dep
         replicas=request.replicas or 1,
         traffic=request.traffic if request.HasField("traffic") else None,
         capture=request.capture,
+        image=request.image,
     )
 
 
@@ -62,6 +63,7 @@ def deployment_to_proto(view: domain.DeploymentView) -> deployer_pb2.Deployment:
         traffic=view.traffic,
         mirror=view.mirror,
         capture=view.capture,
+        image=view.image,
         replica_states=[
             deployer_pb2.Replica(
                 index=replica.index,
@@ -196,8 +198,8 @@ class DeployerServicer(deployer_pb2_grpc.DeployerServiceServicer):
                 f"{view.endpoint}/{view.name} has replicas 0-{view.replicas - 1}, not {request.replica}",
                 field="replica",
             )
-        path = self.reconciler.processes.replica_log(view.endpoint, view.name, request.replica)
-        return deployer_pb2.GetDeploymentLogsResponse(lines=await asyncio.to_thread(local.last_lines, path, lines))
+        found = await self.reconciler.replica_logs(view.endpoint, view.name, request.replica, lines)
+        return deployer_pb2.GetDeploymentLogsResponse(lines=found)
 
     async def CreateBatchJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if not self.batches.nats_url:

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
+
+HOST_ALIAS = "host.docker.internal"
+"""How a container names the engine's host (the deployer starts containers with it)."""
 
 
 class DeployerSettings(ServiceSettings):
@@ -22,6 +26,19 @@ class DeployerSettings(ServiceSettings):
 
     registry_address: str = "127.0.0.1:50051"
     """host:port of the registry: model refs are resolved there and usages recorded."""
+
+    builder_address: str = "127.0.0.1:50052"
+    """host:port of the builder: it builds the images of `docker` deployments given no image."""
+
+    docker_url: str = ""
+    """The Docker engine of `docker` deployments (unix:///var/run/docker.sock, tcp://host:2375);
+    empty means DOCKER_HOST, else the local socket. The deployer must run on the engine's host:
+    replicas publish their ports on its 127.0.0.1."""
+
+    container_nats_url: str = ""
+    """NATS as `docker` deployments' containers reach it (for capture); empty means MLMESH_NATS_URL
+    with a loopback host replaced by host.docker.internal (the engine's host), which needs NATS to
+    listen on an address of the docker bridge too."""
 
     endpoint_host: str = "127.0.0.1"
     """Address the endpoints' routers bind to (0.0.0.0 to serve other machines or containers)."""
@@ -56,6 +73,17 @@ class DeployerSettings(ServiceSettings):
 
     restart_window_seconds: float = Field(default=600, gt=0)
     """The window in which restarts are counted."""
+
+    def resolved_container_nats_url(self) -> str | None:
+        if self.container_nats_url:
+            return self.container_nats_url
+        if not self.nats_url:
+            return None
+        parts = urlsplit(self.nats_url)
+        if parts.hostname in ("127.0.0.1", "localhost", "::1"):
+            netloc = parts.netloc.replace(f"[{parts.hostname}]", HOST_ALIAS).replace(parts.hostname, HOST_ALIAS)
+            return urlunsplit(parts._replace(netloc=netloc))
+        return self.nats_url
 
 
 class BatchWorkerSettings(ServiceSettings):

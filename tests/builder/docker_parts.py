@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import shutil
 import subprocess
 import time
@@ -21,7 +22,8 @@ import pytest
 
 from services.builder.images import ModelPayload
 from services.common import natsserver
-from tests.conftest import ROOT, missing_part
+from tests.builder.conftest import BuilderProcess, start_builder
+from tests.conftest import ROOT, RegistryProcess, missing_part, stop_process
 
 BASE_IMAGE = "mlmesh-base:py3.11"
 # debootstrap takes about 2 minutes the first time; later runs find the image and return at once.
@@ -107,9 +109,10 @@ class RunningImage:
     http: str
 
 
-def _ready(http: str) -> bool:
+def answers_ok(url: str, timeout: float = 2) -> bool:
+    """Whether GET `url` answers 200."""
     try:
-        with urllib.request.urlopen(f"http://{http}/v2/health/ready", timeout=2) as answer:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
             return answer.status == 200
     except OSError:
         return False
@@ -144,7 +147,7 @@ def running(
         client.start(container_id)
         started = RunningImage(container_id, f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}")
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        while not _ready(started.http):
+        while not answers_ok(f"http://{started.http}/v2/health/ready"):
             state = client.inspect_container(container_id)["State"]
             logs = client.logs(container_id, tail=60).decode(errors="replace")
             assert state["Status"] in ("created", "running"), f"the container is {state['Status']}:\n{logs}"
@@ -166,3 +169,60 @@ def registry_binary() -> str | None:
         (str(path) for path in (Path("/usr/bin/docker-registry"), Path("/usr/sbin/docker-registry")) if path.exists()),
         None,
     )
+
+
+@dataclass
+class LocalRegistry:
+    address: str
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture
+def local_registry(tmp_path: Path) -> Iterator[LocalRegistry]:
+    """Debian's distribution registry on a free loopback port, storing in tmp_path."""
+    binary = registry_binary()
+    if binary is None:
+        missing_part("no image registry binary (Debian: apt-get install docker-registry)")
+    port = natsserver.free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    with (tmp_path / "registry.log").open("wb") as log:
+        process = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not answers_ok(f"http://{address}/v2/", timeout=1):
+            assert process.poll() is None, (tmp_path / "registry.log").read_text()
+            assert time.monotonic() < deadline, "the registry did not answer in 30 s"
+            time.sleep(0.2)
+        yield LocalRegistry(address, process)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def registry_tags(address: str, repository: str) -> list[str]:
+    """The tags a registry holds for `repository` (the distribution API's tags list)."""
+    with urllib.request.urlopen(f"http://{address}/v2/{repository}/tags/list", timeout=10) as answer:
+        return json.load(answer)["tags"]
+
+
+@pytest.fixture(scope="module")
+def image_builder(
+    registry_process: RegistryProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+    base_image: str,
+) -> Iterator[BuilderProcess]:
+    """A builder that downloads the runtime's wheels from the package index, on the local base image."""
+    builder = start_builder(
+        tmp_path_factory.mktemp("image-builder"), registry_process, base_image=base_image, no_index="false"
+    )
+    try:
+        yield builder
+    finally:
+        stop_process(builder.process)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import tarfile
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,33 +16,27 @@ from typer.testing import CliRunner
 
 from services.cli import app
 from services.client import MeshError, RegistryClient
-from tests.builder.conftest import BuilderProcess, start_builder
-from tests.builder.docker_parts import base_image, docker_engine, remove_image, running  # noqa: F401 (fixtures)
+from tests.builder.conftest import start_builder
+from tests.builder.docker_parts import (
+    base_image,
+    docker_engine,
+    image_builder,
+    local_registry,
+    registry_tags,
+    remove_image,
+    running,
+)
 from tests.builder.test_servicer import register_pickle
-from tests.conftest import RegistryProcess, stop_process, stream_events
+from tests.builder.wheels import make_wheel
+from tests.conftest import stop_process, stream_events
 from tests.registry.test_models import tiny_onnx
 
+__all__ = ["base_image", "docker_engine", "image_builder", "local_registry"]  # fixtures, used by name
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def image_builder(
-    registry_process: RegistryProcess,
-    tmp_path_factory: pytest.TempPathFactory,
-    base_image: str,  # noqa: F811
-) -> Iterator[BuilderProcess]:
-    """A builder that downloads the runtime's wheels from the package index, on the local base image."""
-    builder = start_builder(
-        tmp_path_factory.mktemp("image-builder"), registry_process, base_image=base_image, no_index="false"
-    )
-    try:
-        yield builder
-    finally:
-        stop_process(builder.process)
-
-
-def test_a_converted_model_becomes_an_image_that_answers_as_the_original(image_builder, docker_engine, tmp_path):  # noqa: F811
+def test_a_converted_model_becomes_an_image_that_answers_as_the_original(image_builder, docker_engine, tmp_path):
     features, labels = load_breast_cancer(return_X_y=True)
     forest = RandomForestClassifier(n_estimators=15, max_depth=5, random_state=1).fit(features, labels)
     source = register_pickle(image_builder, tmp_path, "cancer", forest)
@@ -103,3 +96,59 @@ def test_a_build_that_fails_says_why_and_announces_image_failed(image_builder, t
         if event.data["models"] == [ref]
     ]
     assert len(failed) == 1 and "mlmesh-no-such-base" in failed[0]["reason"]
+
+
+def test_a_requirement_that_cannot_be_downloaded_fails_the_build_naming_it(image_builder, tmp_path):
+    """An environment whose package is gone from the index since it was locked (yanked, deleted)."""
+    wheel = make_wheel(image_builder.wheels, "mlmesh-vanishing", "1.0")
+    with image_builder.client() as client:
+        environment, _ = client.register_environment("vanishing", "mlmesh-vanishing==1.0\n")
+    wheel.unlink()
+    (tmp_path / "m.onnx").write_bytes(tiny_onnx())
+    with RegistryClient(image_builder.registry.address) as registry:
+        ref = f"orphan:{registry.register_model('orphan', [tmp_path / 'm.onnx'], framework='onnx').version}"
+    with image_builder.client() as client, pytest.raises(MeshError) as failure:
+        client.build_image([ref], environment=f"vanishing:{environment.version}")
+    assert failure.value.code == "FAILED_PRECONDITION"
+    assert "mlmesh-vanishing" in failure.value.message and "environment lock" in failure.value.message
+    failed = [
+        event.data
+        for event in stream_events(image_builder.registry.nats_url, "mlmesh.events.image.failed")
+        if event.data["models"] == [ref]
+    ]
+    assert len(failed) == 1 and "mlmesh-vanishing" in failed[0]["reason"]
+    assert failed[0]["environment"] == f"vanishing:{environment.version}"
+
+
+def test_build_image_with_push_sends_it_to_the_configured_registry(
+    registry_process,
+    base_image,
+    local_registry,
+    docker_engine,
+    tmp_path,
+):
+    pushing = start_builder(
+        tmp_path / "pushing",
+        registry_process,
+        base_image=base_image,
+        no_index="false",
+        push_registry=local_registry.address,
+    )
+    try:
+        (tmp_path / "m.onnx").write_bytes(tiny_onnx())
+        with RegistryClient(registry_process.address) as registry:
+            ref = f"shipped:{registry.register_model('shipped', [tmp_path / 'm.onnx'], framework='onnx').version}"
+        result = runner.invoke(app, ["build", "image", ref, "--push", "--address", pushing.address, "--json"])
+        assert result.exit_code == 0, result.output
+        image = json.loads(result.output)
+        repository, tag_part = image["image"].split(":")[0].rsplit("/", 1)[-1], image["image"].split(":")[-1]
+        assert image["pushed"].startswith(f"{local_registry.address}/{repository}:{tag_part}@sha256:")
+        assert registry_tags(local_registry.address, repository) == [tag_part]
+        built = [
+            event.data
+            for event in stream_events(registry_process.nats_url, "mlmesh.events.image.built")
+            if event.data["models"] == [ref]
+        ]
+        assert built[-1]["pushed"] == image["pushed"]
+    finally:
+        stop_process(pushing.process)

@@ -28,16 +28,16 @@ from services.builder.images import BuildFailed, BuiltImage, ImageBuilder, Image
 from services.common import natsserver
 from services.common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from tests.builder.docker_parts import (
+    LocalRegistry,
     SklearnModel,
     base_image,
     docker_engine,
     iris_classifier,
-    registry_binary,
+    local_registry,
     running,
 )
-from tests.conftest import missing_part
 
-__all__ = ["base_image", "docker_engine"]  # fixtures, used by name
+__all__ = ["base_image", "docker_engine", "local_registry"]  # fixtures, used by name
 
 NO_ENGINE = "unix:///nonexistent/docker.sock"
 # A cold build (wheels downloaded, every instruction run) takes about 3 minutes on the vfs storage
@@ -461,49 +461,6 @@ def test_export_writes_a_docker_save_archive_and_nothing_half_written(
     with pytest.raises(NotFound, match="is not on this Docker engine"):
         builder.export("mlmesh-test/no-such-image:1", target)
     assert not list(target.parent.iterdir())
-
-
-@dataclass
-class LocalRegistry:
-    address: str
-    process: subprocess.Popen[bytes]
-
-
-@pytest.fixture
-def local_registry(tmp_path: Path) -> Iterator[LocalRegistry]:
-    """Debian's distribution registry on a free loopback port, storing in tmp_path."""
-    binary = registry_binary()
-    if binary is None:
-        missing_part("no image registry binary (Debian: apt-get install docker-registry)")
-    port = natsserver.free_port()
-    config = tmp_path / "registry.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: warn\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    with (tmp_path / "registry.log").open("wb") as log:
-        process = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while not registry_answers(address):
-            assert process.poll() is None, (tmp_path / "registry.log").read_text()
-            assert time.monotonic() < deadline, "the registry did not answer in 30 s"
-            time.sleep(0.2)
-        yield LocalRegistry(address, process)
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def registry_answers(address: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{address}/v2/", timeout=1) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
 
 
 @pytest.mark.slow

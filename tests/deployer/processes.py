@@ -25,15 +25,20 @@ class DeployerProcess:
         return DeployerClient(self.address)
 
 
-def start_deployer(home: Path, registry: RegistryProcess, port: int, **settings: str) -> DeployerProcess:
-    """`python -m services.deployer`; `settings` become MLMESH_DEPLOYER_<NAME> variables."""
+def start_deployer(
+    home: Path, registry: RegistryProcess, port: int, nats_url: str = "", **settings: str
+) -> DeployerProcess:
+    """`python -m services.deployer` (publishing to the registry's NATS unless `nats_url` is given);
+    `settings` become MLMESH_DEPLOYER_<NAME> variables."""
     environment = {
         **clean_environment(),
         "MLMESH_HOME": str(home),
-        "MLMESH_NATS_URL": registry.nats_url,
+        "MLMESH_NATS_URL": nats_url or registry.nats_url,
         "MLMESH_DEPLOYER_PORT": str(port),
         "MLMESH_DEPLOYER_REGISTRY_ADDRESS": registry.address,
         "MLMESH_DEPLOYER_RECONCILE_SECONDS": "0.2",
+        # No builder unless a test starts one: nothing answers on this port.
+        "MLMESH_DEPLOYER_BUILDER_ADDRESS": f"127.0.0.1:{natsserver.free_port()}",
         **{f"MLMESH_DEPLOYER_{name.upper()}": value for name, value in settings.items()},
     }
     address = f"127.0.0.1:{port}"

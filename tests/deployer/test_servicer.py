@@ -331,7 +331,25 @@ def test_a_kubernetes_deployment_renders_its_manifests_without_a_cluster(deploye
     assert not path.exists()
 
 
-def test_the_docker_target_says_what_it_needs(deployer, adder):
-    with deployer.client() as client, pytest.raises(MeshError) as refused:
+def test_docker_deployments_check_their_image_and_say_what_they_wait_for(deployer, adder):
+    with deployer.client() as client:
+        for target, image, words in [
+            ("local", "mlmesh-model-adder:1", "docker target"),
+            ("docker", "Not/A Reference", "not a Docker image reference"),
+            ("docker", "x" * 300, "not a Docker image reference"),
+        ]:
+            with pytest.raises(MeshError) as refused:
+                client.create("boxed", adder, target=target, image=image)
+            assert refused.value.code == "INVALID_ARGUMENT" and words in refused.value.message
+            assert refused.value.field == "image"
+        # Given no image, the builder is asked for one; none runs here, so the deployment waits and says why.
         client.create("boxed", adder, target="docker")
-    assert refused.value.code == "FAILED_PRECONDITION" and "builder" in refused.value.message
+        deadline = time.monotonic() + 30
+        while "cannot be reached" not in (message := client.get("boxed").deployments[0].message):
+            assert time.monotonic() < deadline, message
+            time.sleep(0.2)
+        assert (
+            "builder" in message
+            and client.get("boxed").deployments[0].status == deployer_pb2.DEPLOYMENT_STATUS_CREATING
+        )
+        client.delete("boxed")

@@ -18,7 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper
 
 from services._proto.mlmesh.v1 import registry_pb2_grpc
+from services.client import BuilderClient
 from services.common import natsserver
+from tests.builder.wheels import make_wheel
 from tests.conftest import ROOT, missing_part
 from tests.registry.uploads import model_upload
 
@@ -30,6 +32,7 @@ BUILD_TIMEOUT_SECONDS = 1200
 START_TIMEOUT_SECONDS = 180
 READY_TIMEOUT_SECONDS = 90
 REGISTRY_SERVICE = "mlmesh.v1.RegistryService"
+BUILDER_SERVICE = "mlmesh.v1.BuilderService"
 
 pytestmark = [
     pytest.mark.slow,
@@ -163,3 +166,48 @@ def test_docker_sees_the_container_healthy_through_the_image_healthcheck(registr
         probes = docker("inspect", "--format", "{{json .State.Health.Log}}", registry_container.name).stdout
         assert time.monotonic() < deadline, f"health is {status!r} after {READY_TIMEOUT_SECONDS} s: {probes[-2000:]}"
         time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def builder_container(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    """The image running `mlmesh serve builder`, resolving environments from a folder of wheels
+    copied into the container (no package index)."""
+    wheels = tmp_path_factory.mktemp("wheels")
+    make_wheel(wheels, "alpha", "1.0", ("beta>=2",))
+    for version in ("1.0", "2.0", "2.1"):
+        make_wheel(wheels, "beta", version)
+    wheels.chmod(0o755)  # the copy keeps the mode, and the service runs unprivileged
+    port = natsserver.free_port()
+    container = Container(name=f"mlmesh-test-{uuid.uuid4().hex[:10]}", address=f"127.0.0.1:{port}")
+    settings = {
+        "MLMESH_HEALTHCHECK_PORT": "50052",
+        "MLMESH_BUILDER_FIND_LINKS": '["/data/wheels"]',
+        "MLMESH_BUILDER_NO_INDEX": "true",
+    }
+    try:
+        options = ["--name", container.name, "--publish", f"{container.address}:50052"]
+        options += [argument for name, value in settings.items() for argument in ("--env", f"{name}={value}")]
+        create = docker("create", *options, image, "serve", "builder", timeout=START_TIMEOUT_SECONDS)
+        assert create.returncode == 0, f"docker create failed: {create.stderr}"
+        copy = docker("cp", f"{wheels}/.", f"{container.name}:/data/wheels")
+        assert copy.returncode == 0, copy.stderr
+        assert docker("start", container.name).returncode == 0
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        with grpc.insecure_channel(container.address) as channel:
+            while (status := health_of(channel, BUILDER_SERVICE)) != "SERVING":
+                state = container.state()
+                assert state == "running", f"the container is {state}:\n{container.logs()}"
+                assert time.monotonic() < deadline, f"not SERVING ({status}):\n{container.logs()}"
+                time.sleep(0.5)
+        yield container
+    finally:
+        docker("rm", "--force", "--volumes", container.name)
+
+
+def test_the_builder_in_the_image_resolves_environments_with_pip(builder_container: Container) -> None:
+    with BuilderClient(builder_container.address) as client:
+        environment, created = client.register_environment("tools", "alpha==1.0\n")
+    assert created and environment.version == 1
+    lock = {line.split("==")[0]: line for line in environment.lock_text.splitlines() if "==" in line}
+    assert set(lock) == {"alpha", "beta"}
+    assert "beta==2.1" in lock["beta"] and "--hash=sha256:" in lock["beta"]

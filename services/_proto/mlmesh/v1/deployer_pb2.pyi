@@ -178,6 +178,7 @@ class Deployment(_message.Message):
     REPLICA_STATES_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
     name: _builtins.str
     model_ref: _builtins.str
@@ -193,6 +194,8 @@ class Deployment(_message.Message):
     """Share of the endpoint's requests (0-100) and of copies sent for shadow testing (0-100)."""
     mirror: _builtins.int
     capture: _builtins.bool
+    image: _builtins.str
+    """docker target: the image the replicas run (empty while the builder builds it)."""
     @_builtins.property
     def resources(self) -> Global___Resources: ...
     @_builtins.property
@@ -220,10 +223,11 @@ class Deployment(_message.Message):
         replica_states: _abc.Iterable[Global___Replica] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        image: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "resources", b"resources", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "created_at", b"created_at", "endpoint", b"endpoint", "message", b"message", "mirror", b"mirror", "model_name", b"model_name", "model_ref", b"model_ref", "model_version", b"model_version", "name", b"name", "replica_states", b"replica_states", "replicas", b"replicas", "resources", b"resources", "status", b"status", "target", b"target", "traffic", b"traffic", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "created_at", b"created_at", "endpoint", b"endpoint", "image", b"image", "message", b"message", "mirror", b"mirror", "model_name", b"model_name", "model_ref", b"model_ref", "model_version", b"model_version", "name", b"name", "replica_states", b"replica_states", "replicas", b"replicas", "resources", b"resources", "status", b"status", "target", b"target", "traffic", b"traffic", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,6 +327,7 @@ class CreateDeploymentRequest(_message.Message):
     REPLICAS_FIELD_NUMBER: _builtins.int
     TRAFFIC_FIELD_NUMBER: _builtins.int
     CAPTURE_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
     """Endpoint and deployment names: 1-40 lowercase letters, digits and '-', starting with a letter."""
     deployment: _builtins.str
@@ -339,6 +344,10 @@ class CreateDeploymentRequest(_message.Message):
     """
     capture: _builtins.bool
     """Send what the replicas receive and answer to the capture stream."""
+    image: _builtins.str
+    """docker target: an image that serves the model (as `mlmesh build image` makes them); empty:
+    the deployer has the builder build one.
+    """
     @_builtins.property
     def resources(self) -> Global___Resources: ...
     def __init__(
@@ -352,10 +361,11 @@ class CreateDeploymentRequest(_message.Message):
         replicas: _builtins.int = ...,
         traffic: _builtins.int | None = ...,
         capture: _builtins.bool = ...,
+        image: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_traffic", b"_traffic", "resources", b"resources", "traffic", b"traffic"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_traffic", b"_traffic", "capture", b"capture", "deployment", b"deployment", "endpoint", b"endpoint", "model_ref", b"model_ref", "replicas", b"replicas", "resources", b"resources", "target", b"target", "traffic", b"traffic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_traffic", b"_traffic", "capture", b"capture", "deployment", b"deployment", "endpoint", b"endpoint", "image", b"image", "model_ref", b"model_ref", "replicas", b"replicas", "resources", b"resources", "target", b"target", "traffic", b"traffic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__traffic: _TypeAlias = _typing.Literal["traffic"]  # noqa: Y015
     _WhichOneofArgType__traffic: _TypeAlias = _typing.Literal["_traffic", b"_traffic"]  # noqa: Y015

@@ -1,0 +1,64 @@
+"""The Docker engine as mlmesh's services use it: a client that turns an absent engine into
+UNAVAILABLE with what to do, and image references checked the way Docker reads them.
+
+The builder builds images through it; the deployer runs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from services.common.errors import Unavailable
+
+# An image reference as Docker takes it: [host[:port]/]path[:tag], path components lowercase.
+PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+REGISTRY_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]+)?"
+REPOSITORY = re.compile(rf"(?:{REGISTRY_HOST}/)?{PATH_COMPONENT}(?:/{PATH_COMPONENT})*")
+TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+@contextlib.contextmanager
+def engine(docker_url: str | None, timeout: float = 30) -> Iterator[docker.APIClient]:
+    """A client of the Docker engine at `docker_url` (else DOCKER_HOST, else the local socket),
+    speaking the engine's API version; closed afterwards. Calls then wait up to `timeout` seconds."""
+    options: dict[str, Any] = {"base_url": docker_url} if docker_url else docker.utils.kwargs_from_env()
+    where = options.get("base_url") or "unix:///var/run/docker.sock"
+    try:
+        client = docker.APIClient(version="auto", timeout=30, **options)
+    except docker.errors.DockerException as error:
+        raise Unavailable(f"no Docker engine answers at {where}: start dockerd or set DOCKER_HOST ({error})") from None
+    # Only the first answer (the version) was worth a short wait: builds and archives stream for minutes.
+    client.timeout = timeout
+    try:
+        yield client
+    except requests.exceptions.ConnectionError as error:
+        raise Unavailable(f"the Docker engine at {where} stopped answering: {error}") from None
+    finally:
+        client.close()
+
+
+def is_reference(reference: str) -> bool:
+    """Whether Docker takes `reference` as an image reference ([host[:port]/]path[:tag])."""
+    if not reference or len(reference) > 255:
+        return False
+    repository, _, tag = reference.rpartition(":") if _has_tag(reference) else (reference, "", "")
+    return bool(REPOSITORY.fullmatch(repository)) and (not tag or bool(TAG.fullmatch(tag)))
+
+
+def _has_tag(reference: str) -> bool:
+    return ":" in reference.rsplit("/", 1)[-1]
+
+
+def split_tag(reference: str) -> tuple[str, str]:
+    """(repository, tag) of an image reference; the tag defaults to "latest"."""
+    if _has_tag(reference):
+        repository, _, tag = reference.rpartition(":")
+        return repository, tag
+    return reference, "latest"
