@@ -205,6 +205,16 @@ class _CallDetails:
         self.invocation_metadata = invocation_metadata
 
 
+class _Context:
+    """What a handler sees of its call (grpc.aio.ServicerContext), as far as the interceptor reads it."""
+
+    def __init__(self, invocation_metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = invocation_metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
 def _drive(coroutine: Any) -> Any:
     """Run a coroutine that never suspends to its end, without an event loop; its result."""
     try:
@@ -225,7 +235,7 @@ async def in_process_breakdown(model: Model, plan: Plan) -> dict[str, Any]:
     from floor import FloorServicer
 
     from services.common import telemetry
-    from services.common.server import ErrorInterceptor, TracingInterceptor
+    from services.common.server import ServiceInterceptor
     from services.runtime import domain
     from services.runtime import servicer as runtime_servicer
 
@@ -246,12 +256,10 @@ async def in_process_breakdown(model: Model, plan: Plan) -> dict[str, Any]:
     async def found(details: Any) -> Any:
         return handler
 
-    tracing, errors = TracingInterceptor("runtime"), ErrorInterceptor()
-
-    async def inner(details: Any) -> Any:
-        return await errors.intercept_service(found, details)
+    interceptor = ServiceInterceptor("runtime")
 
     details = _CallDetails(f"/{INFER_METHOD}", (("user-agent", "h2load"),))
+    context = _Context(details.invocation_metadata)
     capture = domain.CaptureQueue(1_000_000, 256, metrics, capacity_bytes=1 << 62)
     max_elements = 16 * 1024 * 1024
 
@@ -268,8 +276,8 @@ async def in_process_breakdown(model: Model, plan: Plan) -> dict[str, Any]:
                 pass
 
         def intercepted() -> None:
-            wrapped = _drive(tracing.intercept_service(inner, details))
-            _drive(wrapped.unary_unary(request, None))
+            wrapped = _drive(interceptor.intercept_service(found, details))
+            _drive(wrapped.unary_unary(request, context))
 
         def captured() -> None:
             # One message of `batch` requests, as publish_captures sends them (256 at most).
@@ -330,7 +338,7 @@ async def in_process_breakdown(model: Model, plan: Plan) -> dict[str, Any]:
             "event loop except thread_hop): floor_handler_inline = bench/floor.py's ModelInfer with inference "
             "inline (decode, run, encode); runtime_* = the runtime's steps of one ModelInfer: "
             "tensors_from_request, LoadedModel.check, LoadedModel.infer, response_for, Metrics.observed, and "
-            "the TracingInterceptor + ErrorInterceptor wrapping of one call around a no-op handler; "
+            "the ServiceInterceptor's wrapping of one call (span and error mapping) around a no-op handler; "
             "capture_per_request = CaptureQueue.offer + capture_messages per request (single rows in messages "
             "of 256 requests, 1,000-row requests one per message, messages below 1 MiB), and the JSON bytes "
             "each request adds; "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import signal
@@ -131,55 +132,21 @@ def _wrap(
     return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream, True), **kwargs)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps MlmeshError (and stray exceptions) to gRPC statuses with google.rpc.Status details.
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """The one interceptor of every mlmesh server.
 
-    Requests whose bytes do not parse answer INVALID_ARGUMENT too, rather than grpc's UNKNOWN.
+    - Maps MlmeshError (and stray exceptions) to gRPC statuses with google.rpc.Status details;
+      requests whose bytes do not parse answer INVALID_ARGUMENT too, rather than grpc's UNKNOWN.
+    - With `traced`, continues the caller's trace (W3C traceparent in metadata) with a server span
+      per call.
+
+    One layer rather than one per concern, and each method's handler is wrapped once and kept:
+    every call pays for the interceptor chain, which is a measurable part of a small call.
     """
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-
-        def checked(request: Any, request_streaming: bool) -> Any:
-            return _decoded_stream(request) if request_streaming else _decoded(request)
-
-        def wrap_unary(behaviour: Callable, request_streaming: bool) -> Callable:
-            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    return await behaviour(checked(request, request_streaming), context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as error:
-                    await _abort(context, error)
-
-            return call
-
-        def wrap_stream(behaviour: Callable, request_streaming: bool) -> Callable:
-            async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    async for response in behaviour(checked(request, request_streaming), context):
-                        yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as error:
-                    await _abort(context, error)
-
-            return call
-
-        return _wrap(handler, wrap_unary, wrap_stream, _tolerant(handler.request_deserializer))
-
-
-class TracingInterceptor(grpc.aio.ServerInterceptor):
-    """Continues the caller's trace (W3C traceparent in metadata) with a server span per call."""
-
-    def __init__(self, service: str) -> None:
-        self._tracer = telemetry.tracer(f"mlmesh.{service}")
+    def __init__(self, service: str, traced: bool = True) -> None:
+        self._tracer = telemetry.tracer(f"mlmesh.{service}") if traced else None
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -190,36 +157,62 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        metadata = {
-            key: value for key, value in handler_call_details.invocation_metadata or () if isinstance(value, str)
-        }
-        parent = telemetry.extract_context(metadata)
-        tracer = self._tracer
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
-        def span() -> Any:
-            return tracer.start_as_current_span(
-                method.lstrip("/"),
-                context=parent,
-                kind=trace.SpanKind.SERVER,
-                attributes={"rpc.system": "grpc", "rpc.method": method},
-            )
+    def _span(self, method: str, context: grpc.aio.ServicerContext) -> Any:
+        """A server span continuing the caller's trace; none for a caller that sent no trace
+        context. Such a call would get a span that is not recorded (the sampler records only
+        what the caller samples) and a trace that nobody records, at a cost measured at a sixth
+        of a small inference call's throughput."""
+        if self._tracer is None:
+            return contextlib.nullcontext()
+        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        if "traceparent" not in metadata:
+            return contextlib.nullcontext()
+        return self._tracer.start_as_current_span(
+            method.lstrip("/"),
+            context=telemetry.extract_context(metadata),
+            kind=trace.SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.method": method},
+        )
 
-        def wrap_unary(behaviour: Callable, _request_streaming: bool) -> Callable:
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        span = self._span
+
+        def checked(request: Any, request_streaming: bool) -> Any:
+            return _decoded_stream(request) if request_streaming else _decoded(request)
+
+        def wrap_unary(behaviour: Callable, request_streaming: bool) -> Callable:
             async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with span():
-                    return await behaviour(request, context)
+                with span(method, context):
+                    try:
+                        return await behaviour(checked(request, request_streaming), context)
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as error:
+                        await _abort(context, error)
 
             return call
 
-        def wrap_stream(behaviour: Callable, _request_streaming: bool) -> Callable:
+        def wrap_stream(behaviour: Callable, request_streaming: bool) -> Callable:
             async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                with span():
-                    async for response in behaviour(request, context):
-                        yield response
+                with span(method, context):
+                    try:
+                        async for response in behaviour(checked(request, request_streaming), context):
+                            yield response
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as error:
+                        await _abort(context, error)
 
             return call
 
-        return _wrap(handler, wrap_unary, wrap_stream)
+        return _wrap(handler, wrap_unary, wrap_stream, _tolerant(handler.request_deserializer))
 
 
 def build_server(
@@ -242,7 +235,7 @@ def build_server(
     """
     telemetry.setup(service)
     server = grpc.aio.server(
-        interceptors=[TracingInterceptor(service), ErrorInterceptor()] if traced else [ErrorInterceptor()],
+        interceptors=[ServiceInterceptor(service, traced)],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -337,6 +330,10 @@ class ServiceRuntime:
     async def run(self, *, leader: bool = True, stop: asyncio.Event | None = None) -> None:
         """Serve until SIGTERM/SIGINT (or `stop`), with the outbox relay and other background work."""
         log.info("%s serving on %s", self.name, self.address)
+        # What start-up made (modules, models, settings) lives as long as the process: out of the
+        # collector's sight, a full collection no longer walks it, which pauses calls otherwise.
+        gc.collect()
+        gc.freeze()
         jobs = [*self.background, *(self.leader_background if leader else [])]
         try:
             await serve_until_stopped(self.server, self.health, self.service_names, jobs, stop=stop)

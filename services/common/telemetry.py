@@ -17,10 +17,10 @@ _configured = False
 def setup(service_name: str) -> None:
     """Install the process's TracerProvider once (one process runs one service).
 
-    A call whose caller sent a sampled `traceparent` gets recorded spans that continue it; a call
-    that starts a trace of its own gets a span that is not recorded (its context still travels on,
-    through gRPC, the outbox and NATS). Recording every span costs each call tens of microseconds,
-    and no one would read those spans: no exporter is configured.
+    A call whose caller sent a sampled `traceparent` gets recorded spans that continue it; the
+    server interceptor starts no span for a call without one, and spans that start a trace of
+    their own (a consumer's, say) are not recorded. Recording every span costs each call tens of
+    microseconds, and no one would read those spans: no exporter is configured.
     """
     global _configured
     if _configured:
