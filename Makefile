@@ -41,6 +41,7 @@ bench: setup-dev  ## run the benchmarks (prints JSON)
 	$(BIN)/python bench/registry.py
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/builder.py
+	$(BIN)/python bench/drift.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
