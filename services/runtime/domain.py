@@ -601,7 +601,7 @@ def _capture_pieces(row: dict[str, Any], room: int) -> list[str]:
 def _capture_record(row: dict[str, Any], inputs: list[Tensor], outputs: list[Tensor], offset: int | None = None) -> str:
     # Written by hand rather than by json.dumps: base64 needs no escaping, and scanning a
     # megabyte of it for characters to escape was most of the cost of a large request.
-    head = f'{{"id":{json.dumps(row["id"])},"model":{json.dumps(row["model"])},"version":{json.dumps(row["version"])}'
+    head = f'{{"id":{_json_text(row["id"])},"model":{_json_name(row["model"])},"version":{_json_name(row["version"])}'
     if offset is not None:
         head += f',"offset":{offset}'
     tensors_in = ",".join(_capture_tensor(tensor) for tensor in inputs)
@@ -609,9 +609,23 @@ def _capture_record(row: dict[str, Any], inputs: list[Tensor], outputs: list[Ten
     return f'{head},"time":{row["time"]!r},"inputs":[{tensors_in}],"outputs":[{tensors_out}]}}'
 
 
+def _json_text(text: str) -> str:
+    """`text` as a JSON string: quoted as it is when nothing in it needs escaping (ids usually),
+    else by json.dumps, which costs a microsecond or more per call."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_name(text: str) -> str:
+    """A JSON string for the few names that recur in every request (models, versions, tensors)."""
+    return _json_text(text)
+
+
 def _capture_tensor(tensor: Tensor) -> str:
     shape = ",".join(str(int(size)) for size in tensor.shape)
-    head = f'{{"name":{json.dumps(tensor.name)},"datatype":"{tensor.datatype}","shape":[{shape}]'
+    head = f'{{"name":{_json_name(tensor.name)},"datatype":"{tensor.datatype}","shape":[{shape}]'
     if tensor.datatype == "BYTES":
         data = [
             element.decode(errors="replace") if isinstance(element, bytes) else str(element)
