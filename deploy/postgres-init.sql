@@ -1,3 +1,5 @@
 -- Each mlmesh service owns its database; the registry uses `mlmesh` (POSTGRES_DB).
 CREATE DATABASE mlmesh_deployer;
 CREATE DATABASE mlmesh_builder;
+CREATE DATABASE mlmesh_collector;
+CREATE DATABASE mlmesh_drift;

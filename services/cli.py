@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import html
 import json
 import re
 import signal
@@ -41,13 +42,14 @@ from rich.progress import (
 from rich.table import Table
 
 from services import launcher
-from services._proto.mlmesh.v1 import builder_pb2, deployer_pb2, registry_pb2
-from services.client import BuilderClient, DeployerClient, MeshError, RegistryClient
+from services._proto.mlmesh.v1 import builder_pb2, deployer_pb2, drift_pb2, registry_pb2
+from services.client import BuilderClient, CollectorClient, DeployerClient, DriftClient, MeshError, RegistryClient
 from services.client import Progress as ProgressCallback
 from services.common import events
+from services.common.errors import MlmeshError
 from services.common.settings import MeshSettings
 
-Client = TypeVar("Client", RegistryClient, DeployerClient, BuilderClient)
+Client = TypeVar("Client", RegistryClient, DeployerClient, BuilderClient, CollectorClient)
 console = Console(highlight=False)
 error_console = Console(stderr=True, highlight=False)
 
@@ -68,6 +70,13 @@ batch_app = typer.Typer(help="Score Parquet or CSV files in batch with a model v
 deploy_app = typer.Typer(help="Serve model versions at endpoints: deployments, blue/green traffic, logs.")
 env_app = typer.Typer(help="Register reusable environments: pip requirements resolved to an exact lock with hashes.")
 build_app = typer.Typer(help="Convert models to ONNX (with a parity check) and build Docker images that serve them.")
+drift_app = typer.Typer(
+    help="Watch endpoints for drift: monitors against a baseline, checks, results, offline compare."
+)
+monitor_app = typer.Typer(help="Create, list, show and delete drift monitors.")
+captures_app = typer.Typer(
+    help="What endpoints received and answered: query, statistics, export as a dataset, labels, retention."
+)
 app.add_typer(models_app, name="models", no_args_is_help=True)
 models_app.add_typer(alias_app, name="alias", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets", no_args_is_help=True)
@@ -78,6 +87,9 @@ app.add_typer(deploy_app, name="deploy", no_args_is_help=True)
 app.add_typer(batch_app, name="batch", no_args_is_help=True)
 app.add_typer(env_app, name="env", no_args_is_help=True)
 app.add_typer(build_app, name="build", no_args_is_help=True)
+app.add_typer(drift_app, name="drift", no_args_is_help=True)
+drift_app.add_typer(monitor_app, name="monitor", no_args_is_help=True)
+app.add_typer(captures_app, name="captures", no_args_is_help=True)
 
 
 class CliSettings(MeshSettings):
@@ -91,6 +103,12 @@ class CliSettings(MeshSettings):
 
     builder_address: str = ""
     """host:port of the builder (MLMESH_BUILDER_ADDRESS); empty means the running local mesh."""
+
+    drift_address: str = ""
+    """host:port of the drift service (MLMESH_DRIFT_ADDRESS); empty means the running local mesh."""
+
+    collector_address: str = ""
+    """host:port of the collector (MLMESH_COLLECTOR_ADDRESS); empty means the running local mesh."""
 
 
 AddressOption = Annotated[
@@ -159,6 +177,10 @@ def builder(address: str | None) -> contextlib.AbstractContextManager[BuilderCli
     return connected("builder", BuilderClient, address)
 
 
+def drift(address: str | None) -> contextlib.AbstractContextManager[DriftClient]:
+    return connected("drift", DriftClient, address)
+
+
 def to_dict(message: Message) -> dict[str, Any]:
     """A proto message as JSON-ready data, with proto field names and 64-bit ints as numbers."""
     return MessageToDict(
@@ -202,6 +224,16 @@ def parse_time(text: str | None, option: str) -> datetime | None:
             f"{text!r} is neither an ISO 8601 time (2025-03-01T12:00:00Z) nor an age (30m, 2h, 7d)",
             param_hint=option,
         ) from None
+
+
+def parse_duration(text: str | None, option: str) -> float:
+    """A duration (`90s`, `30m`, `1h`, `7d`, `2w`) in seconds; 0 when not given."""
+    if not text:
+        return 0.0
+    found = _RELATIVE_TIME.fullmatch(text.strip())
+    if not found:
+        raise typer.BadParameter(f"{text!r} is not a duration such as 90s, 30m, 1h or 7d", param_hint=option)
+    return float(found[1]) * _UNIT_SECONDS[found[2]]
 
 
 def when(value: Timestamp) -> str:
@@ -1774,6 +1806,728 @@ def build_export(
         console.print(
             f"wrote {escape(str(file))} ({human_size(size)}); load it with `docker load -i {escape(str(file))}`"
         )
+
+
+# ---------------------------------------------------------------- drift
+
+DriftOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="host:port of the drift service. Default: MLMESH_DRIFT_ADDRESS, else the mesh that `mlmesh up` "
+        "started in MLMESH_HOME, else 127.0.0.1:MLMESH_DRIFT_PORT (50056).",
+        show_default=False,
+    ),
+]
+# The score that decides each kind of feature, shown in tables and charts.
+MAIN_SCORE = {"numeric": "wasserstein", "categorical": "js_distance"}
+
+
+def split_names(values: list[str] | None) -> list[str]:
+    """Repeated options, each possibly comma-separated, as one list."""
+    return [name.strip() for value in values or () for name in value.split(",") if name.strip()]
+
+
+def monitor_dict(monitor: drift_pb2.Monitor) -> dict[str, Any]:
+    return to_dict(monitor)
+
+
+def result_dict(result: drift_pb2.DriftResult) -> dict[str, Any]:
+    """A check as JSON: the proto's fields, with `features` a map from feature name to its scores."""
+    data = to_dict(result)
+    data["features"] = {feature["name"]: feature for feature in data["features"]}
+    return data
+
+
+def show_result(result: drift_pb2.DriftResult) -> None:
+    verdict = "[red]drift detected[/red]" if result.drift_detected else "no drift detected"
+    if result.drifted and not result.drift_detected:
+        verdict += " (this window drifted; not yet for the monitor's consecutive windows)"
+    console.print(
+        f"[bold]{escape(result.monitor)}[/bold]  {verdict}  {result.rows} rows  "
+        f"{when(result.window_start)} .. {when(result.window_end)}  coefficient {result.drift_coefficient:.3f}"
+    )
+    table = new_table("feature", "kind", "drifted", "score", "p (adjusted)", "missing", "note")
+    for feature in result.features:
+        score_name = MAIN_SCORE.get(feature.kind, "wasserstein")
+        score = f"{score_name} {getattr(feature, score_name):.4f}" if feature.HasField(score_name) else "-"
+        if feature.kind == "numeric" and feature.HasField("psi"):
+            score += f", psi {feature.psi:.4f}"
+        table.add_row(
+            escape(feature.name),
+            feature.kind,
+            "[red]yes[/red]" if feature.drifted else "no",
+            score,
+            f"{feature.p_value_adjusted:.3g}" if feature.HasField("p_value_adjusted") else "-",
+            f"{feature.missing_rate:.1%}",
+            escape(
+                feature.note
+                or (", ".join(feature.unseen_categories) and "unseen: " + ", ".join(feature.unseen_categories[:5]))
+            ),
+        )
+    console.print(table)
+
+
+@monitor_app.command("create")
+def drift_monitor_create(
+    name: Annotated[str, typer.Argument(help="Monitor name: lowercase letters, digits and '-'.")],
+    endpoint: Annotated[str, typer.Option("--endpoint", help="The endpoint whose captured requests are checked.")],
+    baseline: Annotated[
+        str, typer.Option("--baseline", help="A registered dataset name:version (the training data).")
+    ] = "",
+    baseline_since: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline-since",
+            help="Instead: a captured window of the endpoint, from (ISO time or age).",
+            show_default=False,
+        ),
+    ] = None,
+    baseline_until: Annotated[
+        str | None, typer.Option("--baseline-until", help="... to (ISO time or age; default now).", show_default=False)
+    ] = None,
+    window_rows: Annotated[int, typer.Option("--window-rows", min=0, help="Check the last N captured rows.")] = 0,
+    window: Annotated[
+        str | None, typer.Option("--window", help="Or the captures of the last period (1h, 1d).", show_default=False)
+    ] = None,
+    features: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--features",
+            help="Features to check (comma-separated or repeated): captured column names, or captured=baseline "
+            "pairs. Default: every baseline column.",
+            show_default=False,
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", help="Baseline columns to leave out (an id, the label).", show_default=False),
+    ] = None,
+    schedule: Annotated[
+        str | None, typer.Option("--schedule", help="Check on its own every period (1h); default: only when asked.")
+    ] = None,
+    consecutive: Annotated[
+        int, typer.Option(min=1, max=100, help="Detect drift only after this many drifted windows in a row.")
+    ] = 1,
+    wasserstein: Annotated[float, typer.Option(min=0, help="Normalised Wasserstein threshold (0: 0.1).")] = 0,
+    psi: Annotated[float, typer.Option(min=0, help="PSI threshold (0: 0.2).")] = 0,
+    js_distance: Annotated[float, typer.Option("--js-distance", min=0, help="Jensen-Shannon threshold (0: 0.1).")] = 0,
+    alpha: Annotated[float, typer.Option(min=0, max=1, help="Significance after correction (0: 0.05).")] = 0,
+    address: DriftOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a monitor: summarise the baseline once; checks then compare captured windows with it."""
+    window_span = None
+    if baseline_since:
+        start = parse_time(baseline_since, "--baseline-since")
+        end = parse_time(baseline_until, "--baseline-until") or datetime.now(UTC)
+        assert start is not None
+        window_span = (start.timestamp(), end.timestamp())
+    thresholds = {"wasserstein": wasserstein, "psi": psi, "js_distance": js_distance, "alpha": alpha}
+    with (
+        drift(address) as client,
+        error_console.status(f"summarising the baseline of {name}", spinner="dots")
+        if not as_json
+        else contextlib.nullcontext(),
+    ):
+        monitor = client.create_monitor(
+            name,
+            endpoint,
+            baseline_dataset=baseline,
+            baseline_window=window_span,
+            features=split_names(features),
+            exclude=split_names(exclude),
+            window_rows=window_rows,
+            window_seconds=parse_duration(window, "--window"),
+            schedule_seconds=parse_duration(schedule, "--schedule"),
+            thresholds=thresholds,
+            consecutive=consecutive,
+        )
+    if as_json:
+        print_json(monitor_dict(monitor))
+    else:
+        show_monitor(monitor)
+
+
+def show_monitor(monitor: drift_pb2.Monitor) -> None:
+    window = f"last {monitor.window_rows} rows" if monitor.window_rows else f"last {monitor.window_seconds:g} s"
+    schedule = f"every {monitor.schedule_seconds:g} s" if monitor.schedule_seconds else "when asked"
+    console.print(
+        f"[bold]{escape(monitor.name)}[/bold]  endpoint {escape(monitor.endpoint)}  baseline "
+        f"{escape(monitor.baseline)} ({monitor.baseline_rows} rows)  window {window}  checks {schedule}"
+    )
+    table = new_table("feature", "baseline column", "kind")
+    for name, column in sorted(monitor.features.items()):
+        table.add_row(escape(name), escape(column), monitor.kinds.get(name, ""))
+    console.print(table)
+
+
+@monitor_app.command("list")
+def drift_monitor_list(
+    endpoint: Annotated[str, typer.Option("--endpoint", help="Only this endpoint's monitors.")] = "",
+    address: DriftOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the monitors."""
+    with drift(address) as client:
+        monitors = client.list_monitors(endpoint)
+    if as_json:
+        print_json([monitor_dict(monitor) for monitor in monitors])
+        return
+    table = new_table("monitor", "endpoint", "baseline", "features", "last checked")
+    for monitor in monitors:
+        table.add_row(
+            escape(monitor.name),
+            escape(monitor.endpoint),
+            escape(monitor.baseline),
+            str(len(monitor.features)),
+            when(monitor.last_checked_at),
+        )
+    console.print(table)
+
+
+@monitor_app.command("show")
+def drift_monitor_show(
+    name: Annotated[str, typer.Argument(help="Monitor name.")],
+    address: DriftOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a monitor: its baseline, window, schedule and features."""
+    with drift(address) as client:
+        monitor = client.get_monitor(name)
+    if as_json:
+        print_json(monitor_dict(monitor))
+    else:
+        show_monitor(monitor)
+
+
+@monitor_app.command("delete")
+def drift_monitor_delete(
+    name: Annotated[str, typer.Argument(help="Monitor name.")],
+    address: DriftOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete a monitor and its results."""
+    with drift(address) as client:
+        client.delete_monitor(name)
+    if as_json:
+        print_json({"name": name, "deleted": True})
+    else:
+        console.print(f"deleted monitor {escape(name)}")
+
+
+@drift_app.command("check")
+def drift_check(
+    name: Annotated[str, typer.Argument(help="Monitor name.")],
+    address: DriftOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check the monitor's latest window now; prints drift_detected, rows and each feature's scores."""
+    with drift(address) as client:
+        result = client.check(name)
+    if as_json:
+        print_json(result_dict(result))
+    else:
+        show_result(result)
+
+
+@drift_app.command("results")
+def drift_results(
+    name: Annotated[str, typer.Argument(help="Monitor name.")],
+    limit: Annotated[int, typer.Option(min=0, help="At most this many, newest first (0: all).")] = 50,
+    chart: Annotated[
+        Path | None,
+        typer.Option("--chart", help="Write a chart per feature over time: FILE.html (or .png with matplotlib)."),
+    ] = None,
+    address: DriftOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List a monitor's checks, newest first; optionally chart each feature's score over time."""
+    with drift(address) as client:
+        results = client.results(name, limit)
+        monitor = client.get_monitor(name) if chart else None
+    if chart is not None and monitor is not None:
+        write_drift_chart(chart, monitor, list(reversed(results)))
+    if as_json:
+        print_json([result_dict(result) for result in results])
+        return
+    table = new_table("checked", "window end", "rows", "drift", "coefficient", "drifted features")
+    for result in results:
+        drift_text = "[red]detected[/red]" if result.drift_detected else ("window" if result.drifted else "no")
+        table.add_row(
+            when(result.checked_at),
+            when(result.window_end),
+            str(result.rows),
+            drift_text,
+            f"{result.drift_coefficient:.3f}",
+            escape(", ".join(result.drifted_features)),
+        )
+    console.print(table)
+    if chart is not None:
+        console.print(f"chart: {escape(str(chart))}")
+
+
+def write_drift_chart(path: Path, monitor: drift_pb2.Monitor, results: list[drift_pb2.DriftResult]) -> None:
+    """One small line chart per feature of its deciding score over the checks, with the threshold."""
+    thresholds = {"wasserstein": monitor.thresholds.wasserstein, "js_distance": monitor.thresholds.js_distance}
+    series: dict[str, list[tuple[float, float, bool]]] = {}
+    kinds: dict[str, str] = {}
+    for result in results:
+        moment = result.window_end.seconds + result.window_end.nanos / 1e9
+        for feature in result.features:
+            score_name = MAIN_SCORE.get(feature.kind, "wasserstein")
+            kinds[feature.name] = score_name
+            if feature.HasField(score_name):
+                series.setdefault(feature.name, []).append((moment, getattr(feature, score_name), feature.drifted))
+    if path.suffix.lower() == ".png":
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            fail("a PNG chart needs matplotlib (pip install matplotlib); or write --chart FILE.html", 2)
+        figure, axes = plt.subplots(max(1, len(series)), 1, figsize=(8, 2 * max(1, len(series))), squeeze=False)
+        for axis, (feature, points) in zip(axes[:, 0], sorted(series.items()), strict=False):
+            moments = [datetime.fromtimestamp(moment, UTC) for moment, _, _ in points]
+            axis.plot(moments, [score for _, score, _ in points], marker="o")
+            axis.axhline(thresholds[kinds[feature]], color="red", linestyle="--")
+            axis.set_title(f"{feature} ({kinds[feature]})", fontsize=9)
+        figure.tight_layout()
+        figure.savefig(path)
+        return
+    if path.suffix.lower() != ".html":
+        fail("--chart takes a .html or .png file", 2)
+    path.write_text(drift_chart_html(monitor.name, series, kinds, thresholds))
+
+
+def minute(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="minutes").replace("+00:00", "Z")
+
+
+def drift_chart_html(
+    title: str, series: dict[str, list[tuple[float, float, bool]]], kinds: dict[str, str], thresholds: dict[str, float]
+) -> str:
+    """A self-contained HTML page of SVG line charts (no script, no network)."""
+    width, height, pad = 560, 140, 30
+    parts = [
+        "<!doctype html><meta charset=utf-8>",
+        f"<title>drift: {html.escape(title)}</title>",
+        "<style>body{font:13px sans-serif;margin:20px}h2{font-size:14px;margin:18px 0 4px}</style>",
+        f"<h1 style='font-size:16px'>drift of {html.escape(title)}</h1>",
+    ]
+    for feature, points in sorted(series.items()):
+        threshold = thresholds[kinds[feature]]
+        top = max([threshold * 1.5, *(score for _, score, _ in points)]) or 1.0
+        first, last = points[0][0], points[-1][0]
+        span = (last - first) or 1.0
+
+        def x(moment: float, first: float = first, span: float = span) -> float:
+            return pad + (moment - first) / span * (width - 2 * pad)
+
+        def y(score: float, top: float = top) -> float:
+            return height - pad - score / top * (height - 2 * pad)
+
+        line = " ".join(f"{x(moment):.1f},{y(score):.1f}" for moment, score, _ in points)
+        dots = "".join(
+            f"<circle cx='{x(moment):.1f}' cy='{y(score):.1f}' r='3' fill='{'#c00' if drifted else '#36c'}'/>"
+            for moment, score, drifted in points
+        )
+        parts.append(f"<h2>{html.escape(feature)} ({kinds[feature]})</h2>")
+        parts.append(
+            f"<svg width='{width}' height='{height}' role='img'>"
+            f"<line x1='{pad}' x2='{width - pad}' y1='{y(threshold):.1f}' y2='{y(threshold):.1f}' stroke='#c00' "
+            f"stroke-dasharray='4'/><text x='{width - pad}' y='{y(threshold) - 4:.1f}' text-anchor='end' "
+            f"fill='#c00'>threshold {threshold:g}</text>"
+            f"<polyline points='{line}' fill='none' stroke='#36c'/>{dots}"
+            f"<text x='{pad}' y='{height - 8}'>{minute(first)}</text>"
+            f"<text x='{width - pad}' y='{height - 8}' text-anchor='end'>{minute(last)}</text></svg>"
+        )
+    return "\n".join(parts) + "\n"
+
+
+@drift_app.command("backfill")
+def drift_backfill(
+    name: Annotated[str, typer.Argument(help="Monitor name.")],
+    since: Annotated[str, typer.Option("--since", help="From (ISO time or age such as 7d).")],
+    until: Annotated[str | None, typer.Option("--until", help="To (default now).", show_default=False)] = None,
+    step: Annotated[
+        str | None, typer.Option("--step", help="One check per step (default: the monitor's window, else 1h).")
+    ] = None,
+    address: DriftOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run the monitor over past windows, one check per step."""
+    start = parse_time(since, "--since")
+    end = parse_time(until, "--until") or datetime.now(UTC)
+    assert start is not None
+    with drift(address) as client:
+        results = client.backfill(name, start.timestamp(), end.timestamp(), parse_duration(step, "--step"))
+    if as_json:
+        print_json([result_dict(result) for result in results])
+        return
+    for result in results:
+        show_result(result)
+    if not results:
+        console.print("no window in that range held captured rows")
+
+
+@drift_app.command("compare")
+def drift_compare(
+    reference: Annotated[Path, typer.Argument(help="The reference data (training data): CSV or Parquet.")],
+    current: Annotated[Path, typer.Argument(help="The data to compare with it: CSV or Parquet.")],
+    features: Annotated[
+        list[str] | None,
+        typer.Option("--features", help="Columns to compare (default: every reference column).", show_default=False),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Compare two files offline with the monitors' statistics; no service needed."""
+    from services.drift.domain import compare_tables, feature_dict, read_table_file
+
+    try:
+        result = compare_tables(read_table_file(reference), read_table_file(current), split_names(features))
+    except MlmeshError as error:
+        fail(error.message, 2)
+    data = {
+        "reference": str(reference),
+        "current": str(current),
+        "rows": result.n_rows,
+        "drift_detected": result.drift_detected,
+        "drift_coefficient": result.drift_coefficient,
+        "drifted_features": list(result.drifted_features),
+        "features": {name: feature_dict(name, found) for name, found in result.features.items()},
+    }
+    if as_json:
+        print_json(data)
+        return
+    verdict = "[red]drift detected[/red]" if result.drift_detected else "no drift detected"
+    console.print(f"{verdict}  {result.n_rows} rows  coefficient {result.drift_coefficient:.3f}")
+    table = new_table("feature", "kind", "drifted", "score", "p (adjusted)", "missing")
+    for name, found in data["features"].items():
+        score_name = MAIN_SCORE.get(found["kind"], "wasserstein")
+        score = found.get(score_name)
+        table.add_row(
+            escape(name),
+            found["kind"],
+            "[red]yes[/red]" if found["drifted"] else "no",
+            f"{score_name} {score:.4f}" if score is not None else "-",
+            f"{found['p_value_adjusted']:.3g}" if found.get("p_value_adjusted") is not None else "-",
+            f"{found['missing_rate']:.1%}",
+        )
+    console.print(table)
+
+
+# ---------------------------------------------------------------- captures
+
+CollectorOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="host:port of the collector. Default: MLMESH_COLLECTOR_ADDRESS, else the mesh that `mlmesh up` "
+        "started in MLMESH_HOME, else 127.0.0.1:MLMESH_COLLECTOR_PORT (50055).",
+        show_default=False,
+    ),
+]
+SinceOption = Annotated[
+    str | None, typer.Option("--since", help="From this time (ISO 8601) or age (30m, 2d).", show_default=False)
+]
+LastOption = Annotated[
+    str | None, typer.Option("--last", help="Or: the last period (1h, 7d), up to now.", show_default=False)
+]
+UntilOption = Annotated[
+    str | None, typer.Option("--until", help="Up to (not including) this time or age.", show_default=False)
+]
+CaptureDeploymentOption = Annotated[
+    str, typer.Option("--deployment", help="Only this deployment's rows (default: every deployment).")
+]
+ColumnsOption = Annotated[
+    list[str] | None,
+    typer.Option("--columns", help="Columns to keep, comma-separated (default: all).", show_default=False),
+]
+LabelsOption = Annotated[bool, typer.Option("--labels", help="Add the ingested ground truth as a `label` column.")]
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgtp])(i?)b?|b)?", re.IGNORECASE)
+_SIZE_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def collector(address: str | None) -> contextlib.AbstractContextManager[CollectorClient]:
+    return connected("collector", CollectorClient, address)
+
+
+def capture_window(since: str | None, last: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    """The (start, end) that --since/--last and --until name."""
+    if since and last:
+        raise typer.BadParameter("give --since or --last, not both", param_hint="--last")
+    start = parse_time(since, "--since")
+    if last:
+        start = datetime.now(UTC) - timedelta(seconds=parse_duration(last, "--last"))
+    return start, parse_time(until, "--until")
+
+
+def parse_size(text: str, option: str) -> int:
+    """`10GB` (powers of 1000), `512MiB` (of 1024), `1500` (bytes), or `none` (0: no limit)."""
+    if text.strip().lower() in ("none", "0"):
+        return 0
+    found = _SIZE.fullmatch(text.strip())
+    if not found:
+        raise typer.BadParameter(f"{text!r} is not a size such as 500MB, 10GB, 2GiB or none", param_hint=option)
+    unit, binary = (found[2] or "").lower(), bool(found[3])
+    return int(float(found[1]) * ((1024 if binary else 1000) ** _SIZE_POWERS[unit] if unit else 1))
+
+
+def human_duration(seconds: float) -> str:
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def json_rows(table: Any) -> list[dict[str, Any]]:
+    """Rows of an Arrow table as JSON-ready dicts (times in ISO 8601)."""
+    return [
+        {key: value.isoformat() if isinstance(value, datetime) else value for key, value in row.items()}
+        for row in table.to_pylist()
+    ]
+
+
+def write_captures(reader: Any, path: Path, quiet: bool) -> int:
+    """Stream a query's batches into a Parquet or CSV file (complete, or not there at all); its rows."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    nested = [field.name for field in reader.schema if pa.types.is_nested(field.type)]
+    if path.suffix.lower() == ".csv" and nested:
+        fail(f"CSV cannot hold the list column(s) {', '.join(nested)}: write a .parquet file or choose --columns")
+    temporary = path.with_name(f".{path.name}.part")
+    rows = 0
+    try:
+        with (
+            progress_bar(TextColumn("{task.completed} rows"), TimeElapsedColumn(), quiet=quiet) as progress,
+            pq.ParquetWriter(temporary, reader.schema)
+            if path.suffix.lower() == ".parquet"
+            else pa_csv.CSVWriter(temporary, reader.schema) as writer,
+        ):
+            task = progress.add_task(f"reading {path.name}", total=None)
+            for batch in reader:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+                progress.update(task, completed=rows)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return rows
+
+
+@captures_app.command("query")
+def captures_query(
+    endpoint: Annotated[str, typer.Argument(help="The endpoint whose captured requests to read.")],
+    since: SinceOption = None,
+    last: LastOption = None,
+    until: UntilOption = None,
+    deployment: CaptureDeploymentOption = "",
+    columns: ColumnsOption = None,
+    labels: LabelsOption = False,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write every row to this .parquet or .csv file.", show_default=False),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Rows shown in the table (without -o).")] = 20,
+    address: CollectorOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Read an endpoint's captured rows (request_id, time, row, inputs, outputs).
+
+    Prints a table of the first ones, every row with --json, or writes every row to a Parquet or CSV file.
+    """
+    if output is not None and output.suffix.lower() not in (".parquet", ".csv"):
+        raise typer.BadParameter("the file name must end in .parquet or .csv", param_hint="--output")
+    start, end = capture_window(since, last, until)
+    with collector(address) as client:
+        reader = client.query_reader(
+            endpoint, start=start, end=end, deployment=deployment, columns=split_names(columns), include_labels=labels
+        )
+        if output is not None:
+            rows = write_captures(reader, output, quiet=as_json)
+            if as_json:
+                print_json({"path": str(output), "rows": rows, "columns": reader.schema.names})
+            else:
+                console.print(f"wrote {rows} rows to {escape(str(output))}")
+            return
+        table = reader.read_all()
+    if as_json:
+        typer.echo(json.dumps(json_rows(table), indent=2))
+        return
+    shown = new_table(*(escape(name) for name in table.schema.names))
+    for row in json_rows(table.slice(0, limit)):
+        shown.add_row(*(escape("-" if value is None else str(value)) for value in row.values()))
+    console.print(shown)
+    more = f" (the first {limit} shown; -o FILE writes them all)" if table.num_rows > limit else ""
+    console.print(f"{table.num_rows} rows{more}")
+
+
+@captures_app.command("stats")
+def captures_stats(
+    endpoint: Annotated[str, typer.Argument(help="The endpoint.")],
+    address: CollectorOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Rows, bytes, files and time span of an endpoint's captures, per deployment and model version."""
+    with collector(address) as client:
+        stats = client.stats(endpoint)
+    if as_json:
+        print_json(to_dict(stats))
+        return
+    total, retention = stats.total, stats.retention
+    console.print(
+        f"[bold]{escape(stats.endpoint)}[/bold]  {total.rows} rows  {human_size(total.bytes)} in {total.files} files  "
+        f"{when(total.first_time)} .. {when(total.last_time)}  {stats.labels} labels"
+    )
+    table = new_table("deployment", "model version", "rows", "size", "files", "first", "last")
+    for part in stats.partitions:
+        table.add_row(
+            escape(part.deployment),
+            escape(part.model_version),
+            str(part.rows),
+            human_size(part.bytes),
+            str(part.files),
+            when(part.first_time),
+            when(part.last_time),
+        )
+    console.print(table)
+    console.print(f"retention: {retention_text(retention)}")
+
+
+def retention_text(retention: Any) -> str:
+    age = human_duration(retention.max_age_seconds) if retention.max_age_seconds else "no limit"
+    size = human_size(retention.max_bytes) if retention.max_bytes else "no limit"
+    return (
+        f"max age {age}{' (default)' if retention.max_age_is_default else ''}, "
+        f"max size {size}{' (default)' if retention.max_bytes_is_default else ''}"
+    )
+
+
+@captures_app.command("export")
+def captures_export(
+    endpoint: Annotated[str, typer.Argument(help="The endpoint whose captures to export.")],
+    dataset: Annotated[str, typer.Argument(help="The dataset to register them as (its next version).")],
+    since: SinceOption = None,
+    last: LastOption = None,
+    until: UntilOption = None,
+    deployment: CaptureDeploymentOption = "",
+    columns: ColumnsOption = None,
+    labels: LabelsOption = False,
+    description: Annotated[str, typer.Option("--description", help="The dataset version's description.")] = "",
+    address: CollectorOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Register a window of captures as the next version of a registry dataset.
+
+    One Parquet file, so that live traffic can train the next model.
+    """
+    start, end = capture_window(since, last, until)
+    with collector(address) as client, progress_bar(TimeElapsedColumn(), quiet=as_json) as progress:
+        progress.add_task(f"exporting {endpoint}", total=None)
+        exported = client.export(
+            endpoint,
+            dataset,
+            start=start,
+            end=end,
+            deployment=deployment,
+            columns=split_names(columns),
+            include_labels=labels,
+            description=description,
+        )
+    if as_json:
+        print_json(to_dict(exported))
+    else:
+        console.print(
+            f"registered dataset [bold]{escape(exported.dataset_ref)}[/bold] "
+            f"({exported.rows} rows, {human_size(exported.bytes)})"
+        )
+
+
+def read_labels(path: Path) -> list[tuple[str, int, str | float]]:
+    """(request_id, row, label) of a CSV file with columns request_id, label and optionally row;
+    a label that reads as a number is sent as one."""
+    try:
+        with path.open(newline="") as source:
+            rows = list(csv.DictReader(source))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        fail(f"cannot read {path}: {error}", 2)
+    if not rows or not {"request_id", "label"} <= set(rows[0]):
+        fail(f"{path} needs a header with request_id, label and optionally row", 2)
+    labels: list[tuple[str, int, str | float]] = []
+    for line, row in enumerate(rows, start=2):
+        row_number = (row.get("row") or "0").strip()
+        if not row_number.isdigit():
+            fail(f"{path}, line {line}: row {row_number!r} is not a row number", 2)
+        text = (row.get("label") or "").strip()
+        try:
+            value: str | float = float(text)
+        except ValueError:
+            value = text
+        labels.append((row["request_id"] or "", int(row_number), value))
+    return labels
+
+
+@captures_app.command("labels")
+def captures_labels(
+    endpoint: Annotated[str, typer.Argument(help="The endpoint whose captured rows the labels are for.")],
+    file: Annotated[Path, typer.Argument(help="CSV with columns request_id, row (optional, 0) and label.")],
+    address: CollectorOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Record ground truth for captured rows from a CSV file.
+
+    A row labelled again is replaced; queries and exports with --labels join them as a `label` column.
+    """
+    labels = read_labels(file)
+    with (
+        collector(address) as client,
+        progress_bar(TextColumn("{task.completed}/{task.total} labels"), quiet=as_json) as progress,
+    ):
+        task = progress.add_task(f"labels for {endpoint}", total=len(labels))
+        answer = client.ingest_labels(endpoint, labels, progress=lambda done: progress.update(task, completed=done))
+    if as_json:
+        print_json(to_dict(answer))
+    else:
+        console.print(f"stored {answer.ingested} labels for {escape(endpoint)} ({answer.replaced} replaced)")
+
+
+@captures_app.command("retention")
+def captures_retention(
+    endpoint: Annotated[str, typer.Argument(help="The endpoint.")],
+    max_age: Annotated[
+        str | None,
+        typer.Option("--max-age", help="Delete captures older than this (30d, 12h) or `none`.", show_default=False),
+    ] = None,
+    max_bytes: Annotated[
+        str | None,
+        typer.Option(
+            "--max-bytes", help="Delete the oldest while they take more (10GB, 500MiB) or `none`.", show_default=False
+        ),
+    ] = None,
+    use_defaults: Annotated[
+        bool, typer.Option("--default", help="Forget the endpoint's own limits: the collector's defaults apply.")
+    ] = False,
+    address: CollectorOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show or set how long, and up to what size, an endpoint's captures are kept."""
+    age = None
+    if max_age is not None:
+        age = 0.0 if max_age.strip().lower() == "none" else parse_duration(max_age, "--max-age")
+    size = None if max_bytes is None else parse_size(max_bytes, "--max-bytes")
+    with collector(address) as client:
+        if age is None and size is None and not use_defaults:
+            retention = client.get_retention(endpoint)
+        else:
+            retention = client.set_retention(endpoint, max_age_seconds=age, max_bytes=size, use_defaults=use_defaults)
+    if as_json:
+        print_json(to_dict(retention))
+    else:
+        console.print(f"{escape(endpoint)}: {retention_text(retention)}")
 
 
 if __name__ == "__main__":

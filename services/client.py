@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -29,17 +30,27 @@ from grpc_status import rpc_status
 from services._proto.mlmesh.v1 import (
     builder_pb2,
     builder_pb2_grpc,
+    collector_pb2,
+    collector_pb2_grpc,
     common_pb2,
     deployer_pb2,
     deployer_pb2_grpc,
+    drift_pb2,
+    drift_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
 )
+from services.common.convert import timestamp
 from services.common.settings import MeshSettings
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_BUILDER_ADDRESS = "127.0.0.1:50052"
 DEFAULT_DEPLOYER_ADDRESS = "127.0.0.1:50054"
+DEFAULT_COLLECTOR_ADDRESS = "127.0.0.1:50055"
+DEFAULT_DRIFT_ADDRESS = "127.0.0.1:50056"
 ACTOR_METADATA = "x-mlmesh-actor"
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -836,3 +847,265 @@ class BuilderClient(_ServiceClient):
         finally:
             partial.unlink(missing_ok=True)
         return written
+
+
+def _time(seconds: float | None) -> Timestamp | None:
+    """A Timestamp, or None (the field stays unset) for None."""
+    return None if seconds is None else timestamp(seconds)
+
+
+class DriftClient(_ServiceClient):
+    """A connection to the drift service (mlmesh.v1.DriftService): monitors and their checks.
+
+    Args:
+        address: host:port of the drift service.
+        actor: who is calling; defaults to MLMESH_ACTOR or the login name.
+        timeout: seconds a call may take (creating a monitor summarises its baseline; a backfill
+            runs many checks).
+    """
+
+    def __init__(
+        self, address: str = DEFAULT_DRIFT_ADDRESS, actor: str | None = None, *, timeout: float = 600.0
+    ) -> None:
+        super().__init__(address, actor, timeout)
+        self._stub = drift_pb2_grpc.DriftServiceStub(self._channel)
+
+    def create_monitor(
+        self,
+        name: str,
+        endpoint: str,
+        *,
+        baseline_dataset: str = "",
+        baseline_window: tuple[float, float] | None = None,
+        features: Iterable[str] = (),
+        exclude: Iterable[str] = (),
+        window_rows: int = 0,
+        window_seconds: float = 0,
+        schedule_seconds: float = 0,
+        thresholds: dict[str, float] | None = None,
+        consecutive: int = 1,
+    ) -> drift_pb2.Monitor:
+        """Summarise the baseline (a dataset `name:version`, or a captured window) and keep the monitor."""
+        request = drift_pb2.CreateMonitorRequest(
+            name=name,
+            endpoint=endpoint,
+            features=list(features),
+            exclude=list(exclude),
+            window_rows=window_rows,
+            window_seconds=window_seconds,
+            schedule_seconds=schedule_seconds,
+            thresholds=drift_pb2.DriftThresholds(**(thresholds or {})),
+            consecutive=consecutive,
+        )
+        if baseline_window is not None:
+            request.baseline_window.CopyFrom(
+                drift_pb2.TimeWindow(start=_time(baseline_window[0]), end=_time(baseline_window[1]))
+            )
+        else:
+            request.baseline_dataset = baseline_dataset
+        return self._call(self._stub.CreateMonitor, request).monitor
+
+    def get_monitor(self, name: str) -> drift_pb2.Monitor:
+        return self._call(self._stub.GetMonitor, drift_pb2.GetMonitorRequest(name=name)).monitor
+
+    def list_monitors(self, endpoint: str = "") -> list[drift_pb2.Monitor]:
+        def fetch(token: str) -> Any:
+            request = drift_pb2.ListMonitorsRequest(endpoint=endpoint, page_token=token)
+            return self._call(self._stub.ListMonitors, request)
+
+        return list(self._all_pages(fetch, "monitors"))
+
+    def delete_monitor(self, name: str) -> None:
+        self._call(self._stub.DeleteMonitor, drift_pb2.DeleteMonitorRequest(name=name))
+
+    def check(self, name: str, window_end: float | None = None) -> drift_pb2.DriftResult:
+        """Check the monitor's latest window (or the one ending at `window_end`) now."""
+        request = drift_pb2.CheckDriftRequest(name=name, window_end=_time(window_end))
+        return self._call(self._stub.CheckDrift, request).result
+
+    def results(self, name: str, limit: int = 0) -> list[drift_pb2.DriftResult]:
+        """The monitor's checks, newest first (`limit` 0: all)."""
+        found: list[drift_pb2.DriftResult] = []
+
+        def fetch(token: str) -> Any:
+            request = drift_pb2.ListDriftResultsRequest(name=name, page_token=token)
+            return self._call(self._stub.ListDriftResults, request)
+
+        for result in self._all_pages(fetch, "results"):
+            found.append(result)
+            if limit and len(found) >= limit:
+                break
+        return found
+
+    def backfill(self, name: str, start: float, end: float, step_seconds: float = 0) -> list[drift_pb2.DriftResult]:
+        request = drift_pb2.BackfillDriftRequest(
+            name=name, range=drift_pb2.TimeWindow(start=_time(start), end=_time(end)), step_seconds=step_seconds
+        )
+        return list(self._call(self._stub.BackfillDrift, request).results)
+
+
+Moment = float | datetime | None
+"""A point in time: Unix seconds, a datetime (naive means local time), or None for unbounded."""
+
+LabelValue = str | float | int
+
+
+def _timestamp_of(moment: Moment) -> Timestamp | None:
+    return to_timestamp(moment) if isinstance(moment, datetime) else _time(moment)
+
+
+class _ArrowStream(io.RawIOBase):
+    """The `arrow_ipc` bytes of a QueryCaptures answer, read as one file: an Arrow IPC stream."""
+
+    def __init__(self, responses: Iterable[Any]) -> None:
+        self._responses = iter(responses)
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            try:
+                response = next(self._responses)
+            except StopIteration:
+                return 0
+            except grpc.RpcError as error:
+                raise MeshError.from_rpc_error(error) from None
+            self._pending = memoryview(response.arrow_ipc)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+class CollectorClient(_ServiceClient):
+    """A connection to the collector (mlmesh.v1.CollectorService): captured requests and answers.
+
+    Args:
+        address: host:port of the collector.
+        actor: who is calling; defaults to MLMESH_ACTOR or the login name.
+        timeout: seconds a unary call may take (an export writes and registers a whole window);
+            queries stream and are not limited.
+    """
+
+    def __init__(
+        self, address: str = DEFAULT_COLLECTOR_ADDRESS, actor: str | None = None, *, timeout: float = 600.0
+    ) -> None:
+        super().__init__(address, actor, timeout)
+        self._stub = collector_pb2_grpc.CollectorServiceStub(self._channel)
+
+    def query_reader(
+        self,
+        endpoint: str,
+        *,
+        start: Moment = None,
+        end: Moment = None,
+        deployment: str = "",
+        columns: Iterable[str] = (),
+        include_labels: bool = False,
+    ) -> pa.RecordBatchReader:
+        """The endpoint's rows with start <= time < end as record batches, read as they arrive."""
+        import pyarrow as pa  # only queries need Arrow; the SDK's other users load faster without it
+
+        request = collector_pb2.QueryCapturesRequest(
+            endpoint=endpoint,
+            deployment=deployment,
+            start_time=_timestamp_of(start),
+            end_time=_timestamp_of(end),
+            columns=list(columns),
+            include_labels=include_labels,
+        )
+        responses = self._stub.QueryCaptures(request, metadata=self._metadata)
+        try:
+            return pa.ipc.open_stream(_ArrowStream(responses))
+        except pa.ArrowInvalid as error:
+            raise MeshError("DATA_LOSS", f"the collector's answer is not an Arrow stream: {error}") from None
+
+    def query(self, endpoint: str, **window: Any) -> pa.Table:
+        """The endpoint's rows as one table; `window` as in query_reader (start, end, deployment,
+        columns, include_labels)."""
+        return self.query_reader(endpoint, **window).read_all()
+
+    def export(
+        self,
+        endpoint: str,
+        dataset: str,
+        *,
+        start: Moment = None,
+        end: Moment = None,
+        deployment: str = "",
+        columns: Iterable[str] = (),
+        include_labels: bool = False,
+        description: str = "",
+    ) -> collector_pb2.ExportCapturesResponse:
+        """Register the window's rows as the next version of `dataset` in the registry."""
+        request = collector_pb2.ExportCapturesRequest(
+            endpoint=endpoint,
+            deployment=deployment,
+            start_time=_timestamp_of(start),
+            end_time=_timestamp_of(end),
+            dataset=dataset,
+            columns=list(columns),
+            include_labels=include_labels,
+            description=description,
+        )
+        return self._call(self._stub.ExportCaptures, request)
+
+    def ingest_labels(
+        self,
+        endpoint: str,
+        labels: Iterable[tuple[str, int, LabelValue]],
+        *,
+        batch_size: int = 10_000,
+        progress: Callable[[int], None] | None = None,
+    ) -> collector_pb2.IngestLabelsResponse:
+        """Record ground truth as (request_id, row, label) triples, `batch_size` per call; a
+        label is a class name or a number. `progress` is called with the count sent so far."""
+        total = collector_pb2.IngestLabelsResponse()
+        batch: list[collector_pb2.Label] = []
+
+        def send() -> None:
+            answer = self._call(
+                self._stub.IngestLabels, collector_pb2.IngestLabelsRequest(endpoint=endpoint, labels=batch)
+            )
+            total.ingested += answer.ingested
+            total.replaced += answer.replaced
+            batch.clear()
+            if progress:
+                progress(total.ingested)
+
+        for request_id, row, value in labels:
+            label = collector_pb2.Label(request_id=request_id, row=row)
+            if isinstance(value, str):
+                label.text = value
+            else:
+                label.number = float(value)
+            batch.append(label)
+            if len(batch) >= batch_size:
+                send()
+        if batch or not total.ingested:
+            send()
+        return total
+
+    def stats(self, endpoint: str) -> collector_pb2.GetCaptureStatsResponse:
+        """Rows, bytes, files and time span of the endpoint's captures, per deployment and version."""
+        return self._call(self._stub.GetCaptureStats, collector_pb2.GetCaptureStatsRequest(endpoint=endpoint))
+
+    def set_retention(
+        self,
+        endpoint: str,
+        *,
+        max_age_seconds: float | None = None,
+        max_bytes: int | None = None,
+        use_defaults: bool = False,
+    ) -> collector_pb2.RetentionPolicy:
+        """Change the endpoint's limits (None: unchanged, 0: no limit); the policy now in force."""
+        request = collector_pb2.SetRetentionRequest(
+            endpoint=endpoint, max_age_seconds=max_age_seconds, max_bytes=max_bytes, use_defaults=use_defaults
+        )
+        return self._call(self._stub.SetRetention, request).retention
+
+    def get_retention(self, endpoint: str) -> collector_pb2.RetentionPolicy:
+        request = collector_pb2.GetRetentionRequest(endpoint=endpoint)
+        return self._call(self._stub.GetRetention, request).retention

@@ -33,11 +33,15 @@ SERVICES: dict[str, tuple[str, int, str]] = {
     "registry": ("services.registry", 50051, "mlmesh.v1.RegistryService"),
     "builder": ("services.builder", 50052, "mlmesh.v1.BuilderService"),
     "deployer": ("services.deployer", 50054, "mlmesh.v1.DeployerService"),
+    "collector": ("services.collector", 50055, "mlmesh.v1.CollectorService"),
+    "drift": ("services.drift", 50056, "mlmesh.v1.DriftService"),
 }
 # Settings through which a service finds another it calls: variable -> the service it names.
 DEPENDENCIES: dict[str, dict[str, str]] = {
     "builder": {"MLMESH_BUILDER_REGISTRY_ADDRESS": "registry"},
     "deployer": {"MLMESH_DEPLOYER_REGISTRY_ADDRESS": "registry", "MLMESH_DEPLOYER_BUILDER_ADDRESS": "builder"},
+    "collector": {"MLMESH_COLLECTOR_REGISTRY_ADDRESS": "registry"},
+    "drift": {"MLMESH_DRIFT_REGISTRY_ADDRESS": "registry", "MLMESH_DRIFT_COLLECTOR_ADDRESS": "collector"},
 }
 
 STATE_FILE = "mesh.json"

@@ -59,8 +59,15 @@ def json_of(result) -> object:
 
 def test_up_detach_status_refuses_a_second_up_and_down_stops_everything(tmp_path: Path) -> None:
     home = tmp_path / "mesh"
-    port, deployer_port = natsserver.free_port(), natsserver.free_port()
-    ports = {"MLMESH_REGISTRY_PORT": str(port), "MLMESH_DEPLOYER_PORT": str(deployer_port)}
+    port, deployer_port, collector_port = natsserver.free_port(), natsserver.free_port(), natsserver.free_port()
+    builder_port, drift_port = natsserver.free_port(), natsserver.free_port()
+    ports = {
+        "MLMESH_REGISTRY_PORT": str(port),
+        "MLMESH_BUILDER_PORT": str(builder_port),
+        "MLMESH_DEPLOYER_PORT": str(deployer_port),
+        "MLMESH_COLLECTOR_PORT": str(collector_port),
+        "MLMESH_DRIFT_PORT": str(drift_port),
+    }
     environment = {**clean_environment(), "MLMESH_HOME": str(home), **ports}
     settings = {"MLMESH_HOME": str(home), **ports, "MLMESH_NATS_URL": None}
     try:
@@ -78,6 +85,14 @@ def test_up_detach_status_refuses_a_second_up_and_down_stops_everything(tmp_path
         }
         assert status["services"]["deployer"]["status"] == "SERVING"
         assert status["services"]["deployer"]["address"] == f"127.0.0.1:{deployer_port}"
+        assert status["services"]["collector"]["status"] == "SERVING"
+        assert status["services"]["collector"]["address"] == f"127.0.0.1:{collector_port}"
+        assert status["services"]["drift"] == {
+            "address": f"127.0.0.1:{drift_port}",
+            "pid": state.services["drift"].pid,
+            "status": "SERVING",
+        }
+        assert status["services"]["builder"]["status"] == "SERVING"
         assert status["nats_url"] == state.nats_url
 
         again = runner.invoke(app, ["up", "--detach"], env=settings)
@@ -88,6 +103,8 @@ def test_up_detach_status_refuses_a_second_up_and_down_stops_everything(tmp_path
         assert json.loads(stopped.stdout)["stopped"] is True
         assert not is_alive(state.services["registry"].pid, "services.registry")
         assert not is_alive(state.services["deployer"].pid, "services.deployer")
+        assert not is_alive(state.services["collector"].pid, "services.collector")
+        assert not is_alive(state.services["drift"].pid, "services.drift")
         assert not is_alive(state.nats_pid, "nats-server")
         assert read_state(home) is None
         after = json.loads(runner.invoke(app, ["status", "--json"], env=settings).stdout)

@@ -291,6 +291,42 @@ class BatchFailed(BatchEvent):
     reason: str
 
 
+class DriftEvent(EventPayload):
+    """What drift.* events say; the counterparts of Azure's DatasetDriftDetected fields are noted."""
+
+    monitor: str
+    """The monitor's name (DataDriftName)."""
+    check_id: str
+    """This check (RunId)."""
+    endpoint: str
+    baseline: str
+    """The baseline dataset `name:version`, or `captures:<endpoint>:<start>:<end>` (BaseDatasetId)."""
+    target: str
+    """What was checked: `endpoints/<endpoint>/captures` over the window (TargetDatasetId)."""
+    window_start: float
+    """Seconds since the epoch (StartTime)."""
+    window_end: float
+    """(EndTime)"""
+    rows: int
+    drifted: bool
+    """Drift in this window alone."""
+    drift_detected: bool
+    """Drift that held over the monitor's consecutive windows."""
+    drift_coefficient: float
+    """0 to 1 (DriftCoefficient)."""
+    drifted_features: list[str]
+    features: dict[str, dict[str, Any]]
+    """Per feature: drifted, its scores, missing rates, unseen categories."""
+
+
+class DriftChecked(DriftEvent):
+    kind: ClassVar[str] = "drift.checked"
+
+
+class DriftDetected(DriftEvent):
+    kind: ClassVar[str] = "drift.detected"
+
+
 class CloudEvent(BaseModel):
     """A CloudEvents 1.0 envelope in structured JSON mode."""
 

@@ -1,0 +1,2 @@
+"""Events the collector reacts to: none. It consumes the capture stream MLMESH_CAPTURE (see
+services.collector.consumer), not lifecycle events, and publishes none."""

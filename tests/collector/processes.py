@@ -1,0 +1,137 @@
+"""The collector as its own process, as `mlmesh up` runs it, and capture messages published as the
+runtime publishes them, for the collector's tests (and other services' tests that read captures)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import numpy as np
+
+from services.client import CollectorClient, MeshError
+from services.common import bus, natsserver
+from services.runtime import domain as runtime
+from tests.conftest import RegistryProcess, clean_environment, spawn_service, stop_process
+
+SERVICE = "mlmesh.v1.CollectorService"
+# Flushes every 0.2 s; messages unacknowledged by a killed collector come again after 3 s.
+FAST = {"flush_seconds": "0.2", "ack_wait_seconds": "3"}
+
+
+@dataclass
+class CollectorProcess:
+    address: str
+    home: Path
+    nats_url: str
+    environment: dict[str, str]
+    process: subprocess.Popen[bytes]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "collector" / "captures"
+
+    def client(self) -> CollectorClient:
+        return CollectorClient(self.address)
+
+    def captured_rows(self, endpoint: str) -> int:
+        """Rows committed for `endpoint` so far (0 before the first)."""
+        try:
+            with self.client() as client:
+                return client.stats(endpoint).total.rows
+        except MeshError as error:
+            if error.code == "NOT_FOUND":
+                return 0
+            raise
+
+    def wait_for_rows(self, endpoint: str, rows: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while (found := self.captured_rows(endpoint)) < rows:
+            assert time.monotonic() < deadline, f"the collector has {found} of {rows} rows of {endpoint}"
+            time.sleep(0.1)
+
+    def restart(self) -> None:
+        """Start the process again (after a kill) with the same home, port and settings."""
+        self.process = spawn_service(
+            "services.collector", self.environment, self.home / "collector.log", self.address, SERVICE
+        )
+
+
+def start_collector(
+    home: Path, registry: RegistryProcess | None, nats_url: str = "", **settings: str
+) -> CollectorProcess:
+    """`python -m services.collector` consuming the registry's NATS (unless `nats_url` is given);
+    `settings` become MLMESH_COLLECTOR_<NAME> variables (after FAST)."""
+    port = natsserver.free_port()
+    environment = {
+        **clean_environment(),
+        "MLMESH_HOME": str(home),
+        "MLMESH_NATS_URL": nats_url or (registry.nats_url if registry else ""),
+        "MLMESH_COLLECTOR_PORT": str(port),
+        "MLMESH_COLLECTOR_REGISTRY_ADDRESS": registry.address if registry else f"127.0.0.1:{natsserver.free_port()}",
+        **{f"MLMESH_COLLECTOR_{name.upper()}": value for name, value in {**FAST, **settings}.items()},
+    }
+    address = f"127.0.0.1:{port}"
+    process = spawn_service("services.collector", environment, home / "collector.log", address, SERVICE)
+    return CollectorProcess(address, home, environment["MLMESH_NATS_URL"], environment, process)
+
+
+def stop_collector(collector: CollectorProcess) -> None:
+    stop_process(collector.process)
+
+
+def request(
+    request_id: str,
+    inputs: dict[str, np.ndarray],
+    outputs: dict[str, np.ndarray],
+    *,
+    moment: float | None = None,
+    version: str = "1",
+) -> dict[str, Any]:
+    """One captured request, as the runtime's CaptureQueue holds it (numeric tensors only)."""
+
+    def tensors(arrays: dict[str, np.ndarray]) -> list[runtime.Tensor]:
+        return [runtime.Tensor(name, datatype_of(array), tuple(array.shape), array) for name, array in arrays.items()]
+
+    return {
+        "id": request_id,
+        "model": "model",
+        "version": version,
+        "time": time.time() if moment is None else moment,
+        "inputs": tensors(inputs),
+        "outputs": tensors(outputs),
+    }
+
+
+def datatype_of(array: np.ndarray) -> str:
+    if array.dtype == object:
+        return "BYTES"
+    return next(datatype for datatype, dtype in runtime.DTYPES.items() if dtype == array.dtype.newbyteorder("<"))
+
+
+def payloads(requests: Sequence[dict[str, Any]], max_bytes: int = 1024 * 1024 - 4096) -> list[bytes]:
+    """Capture messages of `requests`, packed (and split) by the runtime's own encoder."""
+    return runtime.capture_messages(list(requests), max_bytes).payloads
+
+
+def publish(nats_url: str, subject: str, messages: Sequence[bytes], pause: float = 0.0) -> None:
+    """Publish to the capture stream (made as the runtime makes it when missing), waiting for each ack."""
+
+    async def send() -> None:
+        connection = await nats.connect(nats_url)
+        try:
+            jetstream = connection.jetstream()
+            await bus.ensure_stream(jetstream, bus.capture_stream_config(7 * 86_400, 1024**3))
+            for message in messages:
+                await jetstream.publish(subject, message)
+                if pause:
+                    await asyncio.sleep(pause)
+        finally:
+            await connection.close()
+
+    asyncio.run(send())
