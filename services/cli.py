@@ -1871,7 +1871,8 @@ def show_result(result: drift_pb2.DriftResult) -> None:
 @monitor_app.command("create")
 def drift_monitor_create(
     name: Annotated[str, typer.Argument(help="Monitor name: lowercase letters, digits and '-'.")],
-    endpoint: Annotated[str, typer.Option("--endpoint", help="The endpoint whose captured requests are checked.")],
+    endpoint: Annotated[str, typer.Option("--endpoint", help="The endpoint whose captured requests are checked.")] = "",
+    model: Annotated[str, typer.Option("--model", help="Or a model: the captures of every endpoint serving it.")] = "",
     baseline: Annotated[
         str, typer.Option("--baseline", help="A registered dataset name:version (the training data).")
     ] = "",
@@ -1933,6 +1934,7 @@ def drift_monitor_create(
         monitor = client.create_monitor(
             name,
             endpoint,
+            model=model,
             baseline_dataset=baseline,
             baseline_window=window_span,
             features=split_names(features),
@@ -1953,7 +1955,8 @@ def show_monitor(monitor: drift_pb2.Monitor) -> None:
     window = f"last {monitor.window_rows} rows" if monitor.window_rows else f"last {monitor.window_seconds:g} s"
     schedule = f"every {monitor.schedule_seconds:g} s" if monitor.schedule_seconds else "when asked"
     console.print(
-        f"[bold]{escape(monitor.name)}[/bold]  endpoint {escape(monitor.endpoint)}  baseline "
+        f"[bold]{escape(monitor.name)}[/bold]  "
+        f"{'endpoint ' + escape(monitor.endpoint) if monitor.endpoint else 'model ' + escape(monitor.model)}  baseline "
         f"{escape(monitor.baseline)} ({monitor.baseline_rows} rows)  window {window}  checks {schedule}"
     )
     table = new_table("feature", "baseline column", "kind")
@@ -1978,7 +1981,7 @@ def drift_monitor_list(
     for monitor in monitors:
         table.add_row(
             escape(monitor.name),
-            escape(monitor.endpoint),
+            escape(monitor.endpoint or f"model {monitor.model}"),
             escape(monitor.baseline),
             str(len(monitor.features)),
             when(monitor.last_checked_at),

@@ -873,8 +873,9 @@ class DriftClient(_ServiceClient):
     def create_monitor(
         self,
         name: str,
-        endpoint: str,
+        endpoint: str = "",
         *,
+        model: str = "",
         baseline_dataset: str = "",
         baseline_window: tuple[float, float] | None = None,
         features: Iterable[str] = (),
@@ -885,10 +886,12 @@ class DriftClient(_ServiceClient):
         thresholds: dict[str, float] | None = None,
         consecutive: int = 1,
     ) -> drift_pb2.Monitor:
-        """Summarise the baseline (a dataset `name:version`, or a captured window) and keep the monitor."""
+        """Summarise the baseline (a dataset `name:version`, or a captured window) and keep the monitor of
+        an endpoint, or of a model (the captures of every endpoint serving it)."""
         request = drift_pb2.CreateMonitorRequest(
             name=name,
             endpoint=endpoint,
+            model=model,
             features=list(features),
             exclude=list(exclude),
             window_rows=window_rows,

@@ -41,7 +41,11 @@ DEPENDENCIES: dict[str, dict[str, str]] = {
     "builder": {"MLMESH_BUILDER_REGISTRY_ADDRESS": "registry"},
     "deployer": {"MLMESH_DEPLOYER_REGISTRY_ADDRESS": "registry", "MLMESH_DEPLOYER_BUILDER_ADDRESS": "builder"},
     "collector": {"MLMESH_COLLECTOR_REGISTRY_ADDRESS": "registry"},
-    "drift": {"MLMESH_DRIFT_REGISTRY_ADDRESS": "registry", "MLMESH_DRIFT_COLLECTOR_ADDRESS": "collector"},
+    "drift": {
+        "MLMESH_DRIFT_REGISTRY_ADDRESS": "registry",
+        "MLMESH_DRIFT_COLLECTOR_ADDRESS": "collector",
+        "MLMESH_DRIFT_DEPLOYER_ADDRESS": "deployer",
+    },
 }
 
 STATE_FILE = "mesh.json"

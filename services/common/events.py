@@ -299,10 +299,13 @@ class DriftEvent(EventPayload):
     check_id: str
     """This check (RunId)."""
     endpoint: str
+    """The endpoint checked; empty for a monitor of a model."""
+    model: str = ""
+    """A monitor of a model: the model, whose every endpoint's captures were checked."""
     baseline: str
     """The baseline dataset `name:version`, or `captures:<endpoint>:<start>:<end>` (BaseDatasetId)."""
     target: str
-    """What was checked: `endpoints/<endpoint>/captures` over the window (TargetDatasetId)."""
+    """What was checked: `endpoints/<endpoint>/captures` or `models/<model>/captures` (TargetDatasetId)."""
     window_start: float
     """Seconds since the epoch (StartTime)."""
     window_end: float

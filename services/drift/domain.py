@@ -37,6 +37,7 @@ from services.drift.models import CheckRow, MonitorRow
 SERVICE = "drift"
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 ENDPOINT_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+MODEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 COLUMN_PATTERN = re.compile(r"^[^\x00-\x1f]{1,200}$")
 MAX_FEATURES = 1000
 MAX_BACKFILL_STEPS = 1000
@@ -59,6 +60,14 @@ class Captures(Protocol):
         ...
 
 
+class Endpoints(Protocol):
+    """What a monitor of a model needs of the deployer: the endpoints serving it."""
+
+    def serving(self, model: str) -> list[str]:
+        """Names of the endpoints with a deployment of `model` (any version)."""
+        ...
+
+
 class Datasets(Protocol):
     """What a monitor needs of the registry: a dataset as a table."""
 
@@ -70,7 +79,9 @@ class Datasets(Protocol):
 @dataclass(frozen=True)
 class MonitorSpec:
     name: str
-    endpoint: str
+    endpoint: str = ""
+    model: str = ""
+    """Instead of `endpoint`: the captures of every endpoint serving this model."""
     baseline_dataset: str = ""
     baseline_window: tuple[float, float] | None = None
     features: tuple[str, ...] = ()
@@ -88,6 +99,7 @@ class MonitorSpec:
 class MonitorView:
     name: str
     endpoint: str
+    model: str
     baseline: str
     baseline_rows: int
     features: dict[str, str]
@@ -106,6 +118,7 @@ class ResultView:
     id: str
     monitor: str
     endpoint: str
+    model: str
     baseline: str
     window_start: float
     window_end: float
@@ -127,9 +140,17 @@ def check_name(value: str, pattern: re.Pattern[str], what: str, rule: str) -> st
 
 def check_spec(spec: MonitorSpec, max_window_rows: int) -> None:
     check_name(spec.name, NAME_PATTERN, "name", "1-63 lowercase letters, digits and '-', starting with a letter")
-    check_name(
-        spec.endpoint, ENDPOINT_PATTERN, "endpoint", "1-40 lowercase letters, digits and '-', starting with a letter"
-    )
+    if bool(spec.endpoint) == bool(spec.model):
+        raise InvalidArgument("give exactly one of endpoint and model: whose captures are checked", field="endpoint")
+    if spec.endpoint:
+        check_name(
+            spec.endpoint,
+            ENDPOINT_PATTERN,
+            "endpoint",
+            "1-40 lowercase letters, digits and '-', starting with a letter",
+        )
+    else:
+        check_name(spec.model, MODEL_PATTERN, "model", "a registered model's name: letters, digits, '.', '_', '-'")
     if bool(spec.baseline_dataset) == (spec.baseline_window is not None):
         raise InvalidArgument(
             "give exactly one baseline: a registered dataset (name:version) or a captured window", field="baseline"
@@ -281,13 +302,31 @@ class DriftMonitors:
     """Monitors, their checks and results."""
 
     def __init__(
-        self, database: Database, outbox: Outbox, captures: Captures, datasets: Datasets, *, max_window_rows: int
+        self,
+        database: Database,
+        outbox: Outbox,
+        captures: Captures,
+        datasets: Datasets,
+        endpoints: Endpoints,
+        *,
+        max_window_rows: int,
     ) -> None:
         self.database = database
         self.outbox = outbox
         self.captures = captures
         self.datasets = datasets
+        self.endpoints = endpoints
         self.max_window_rows = max_window_rows
+
+    def _captured(self, endpoint: str, model: str, start: float | None, end: float) -> pa.Table:
+        """An endpoint's captures, or those of every endpoint serving `model`, in [start, end)."""
+        if not model:
+            return self.captures.read(endpoint, start, end, None)
+        tables = [self.captures.read(name, start, end, None) for name in self.endpoints.serving(model)]
+        tables = [table for table in tables if table.num_rows]
+        if not tables:
+            return pa.table({})
+        return pa.concat_tables(tables, promote_options="default")
 
     # ------------------------------------------------------------ monitors
 
@@ -298,10 +337,10 @@ class DriftMonitors:
                 raise AlreadyExists(f"monitor {spec.name} exists; delete it first or pick another name", field="name")
         if spec.baseline_window is not None:
             start, end = spec.baseline_window
-            table = self.captures.read(spec.endpoint, start, end, None)
-            baseline = f"{CAPTURED_BASELINE}:{spec.endpoint}:{start:.3f}:{end:.3f}"
+            table = self._captured(spec.endpoint, spec.model, start, end)
+            baseline = f"{CAPTURED_BASELINE}:{spec.endpoint or spec.model}:{start:.3f}:{end:.3f}"
             if table.num_rows == 0:
-                raise FailedPrecondition(f"endpoint {spec.endpoint} captured nothing in the baseline window")
+                raise FailedPrecondition(f"{source(spec.endpoint, spec.model)} captured nothing in the baseline window")
         else:
             baseline, table = self.datasets.read(spec.baseline_dataset)
             if table.num_rows == 0:
@@ -311,6 +350,7 @@ class DriftMonitors:
         row = MonitorRow(
             name=spec.name,
             endpoint=spec.endpoint,
+            model=spec.model,
             baseline=baseline,
             baseline_rows=table.num_rows,
             features=json.dumps(features),
@@ -369,7 +409,7 @@ class DriftMonitors:
         table, start = self._window(row, end, window_seconds or row.window_seconds)
         if table.num_rows == 0:
             raise FailedPrecondition(
-                f"endpoint {row.endpoint} captured nothing in the window ending {format_time(end)}; "
+                f"{source(row.endpoint, row.model)} captured nothing in the window ending {format_time(end)}; "
                 "deploy with capture on (mlmesh deploy create ... --capture) and send it requests"
             )
         features = self._matched(row, features, table)
@@ -420,11 +460,11 @@ class DriftMonitors:
         without them the last `window_rows` rows."""
         if seconds:
             start = end - seconds
-            return self.captures.read(row.endpoint, start, end, None), start
+            return self._captured(row.endpoint, row.model, start, end), start
         table = pa.table({})
         for span in ROW_WINDOW_SPANS:
             start = None if span is None else end - span
-            table = self.captures.read(row.endpoint, start, end, None)
+            table = self._captured(row.endpoint, row.model, start, end)
             if table.num_rows >= row.window_rows:
                 break
         if "time" in table.column_names and table.num_rows:
@@ -443,9 +483,9 @@ class DriftMonitors:
             return features
         captured_columns = [name for name in table.column_names if name not in CAPTURE_COLUMNS]
         if any(captured in present for captured in features) or len(captured_columns) < len(features):
-            missing = [captured for captured in features if captured not in present]
+            missing = ", ".join(repr(captured) for captured in features if captured not in present)
             raise FailedPrecondition(
-                f"the captures of {row.endpoint} have no column {', '.join(repr(m) for m in missing[:5])} "
+                f"the captures of {source(row.endpoint, row.model)} have no column {missing[:300]} "
                 f"(they have {', '.join(captured_columns[:20])}); recreate the monitor with features given as "
                 "captured=baseline pairs",
                 field="features",
@@ -486,6 +526,7 @@ class DriftMonitors:
                 id=str(uuid.uuid4()),
                 monitor=row.name,
                 endpoint=row.endpoint,
+                model=row.model,
                 baseline=row.baseline,
                 window_start=start,
                 window_end=end,
@@ -513,8 +554,9 @@ class DriftMonitors:
             monitor=view.monitor,
             check_id=view.id,
             endpoint=view.endpoint,
+            model=view.model,
             baseline=view.baseline,
-            target=f"endpoints/{view.endpoint}/captures",
+            target=f"models/{view.model}/captures" if view.model else f"endpoints/{view.endpoint}/captures",
             window_start=view.window_start,
             window_end=view.window_end,
             rows=view.rows,
@@ -549,6 +591,7 @@ def monitor_view(row: MonitorRow) -> MonitorView:
     return MonitorView(
         name=row.name,
         endpoint=row.endpoint,
+        model=row.model,
         baseline=row.baseline,
         baseline_rows=row.baseline_rows,
         features=json.loads(row.features),
@@ -568,6 +611,7 @@ def result_view(row: CheckRow) -> ResultView:
         id=row.id,
         monitor=row.monitor,
         endpoint=row.endpoint,
+        model=row.model,
         baseline=row.baseline,
         window_start=row.window_start,
         window_end=row.window_end,
@@ -579,6 +623,11 @@ def result_view(row: CheckRow) -> ResultView:
         features=json.loads(row.features),
         checked_at=row.checked_at,
     )
+
+
+def source(endpoint: str, model: str) -> str:
+    """What a monitor reads, in words."""
+    return f"endpoint {endpoint}" if endpoint else f"the endpoints serving model {model}"
 
 
 def format_time(seconds: float) -> str:

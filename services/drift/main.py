@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from services._proto.mlmesh.v1 import drift_pb2, drift_pb2_grpc
-from services.client import CollectorClient, RegistryClient
+from services.client import CollectorClient, DeployerClient, RegistryClient
 from services.common.db import Database
 from services.common.errors import InvalidArgument, MlmeshError, NotFound
 from services.common.outbox import Outbox
@@ -38,6 +38,20 @@ class CollectorCaptures:
             return self.collector.query(endpoint, start=start, end=end, columns=list(columns or ()))
         except NotFound:  # nothing captured for the endpoint yet: an empty window
             return pa.table({})
+
+
+class DeployedEndpoints:
+    """The endpoints serving a model, as the deployer knows them."""
+
+    def __init__(self, deployer: RemoteCalls) -> None:
+        self.deployer = deployer
+
+    def serving(self, model: str) -> list[str]:
+        return [
+            endpoint.name
+            for endpoint in self.deployer.list()
+            if any(deployment.model_name == model for deployment in endpoint.deployments)
+        ]
 
 
 class RegistryDatasets:
@@ -73,6 +87,7 @@ def build(settings: DriftSettings) -> ServiceRuntime:
         outbox,
         CollectorCaptures(collector),
         RegistryDatasets(registry, settings.max_baseline_bytes),
+        DeployedEndpoints(RemoteCalls(DeployerClient(settings.deployer_address, actor="drift"), "deployer")),
         max_window_rows=settings.max_window_rows,
     )
 

@@ -15,6 +15,9 @@ class MonitorRow(SQLModel, table=True):
 
     name: str = Field(primary_key=True)
     endpoint: str = Field(index=True)
+    """Empty for a monitor of a model."""
+    model: str = ""
+    """A monitor of a model: the captures of every endpoint serving it."""
     baseline: str
     """`name:version` of a registered dataset, or `captures:<endpoint>:<start>:<end>`."""
     baseline_rows: int
@@ -40,6 +43,7 @@ class CheckRow(SQLModel, table=True):
     id: str = Field(primary_key=True)
     monitor: str = Field(index=True, foreign_key="monitors.name")
     endpoint: str
+    model: str = ""
     baseline: str
     window_start: float
     window_end: float

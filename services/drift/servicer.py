@@ -21,6 +21,7 @@ def spec_from_proto(request: drift_pb2.CreateMonitorRequest) -> domain.MonitorSp
     return domain.MonitorSpec(
         name=request.name,
         endpoint=request.endpoint,
+        model=request.model,
         baseline_dataset=request.baseline_dataset,
         baseline_window=window,
         features=tuple(request.features),
@@ -37,6 +38,7 @@ def monitor_to_proto(view: domain.MonitorView) -> drift_pb2.Monitor:
     return drift_pb2.Monitor(
         name=view.name,
         endpoint=view.endpoint,
+        model=view.model,
         baseline=view.baseline,
         baseline_rows=view.baseline_rows,
         features=view.features,
@@ -85,6 +87,7 @@ def result_to_proto(view: domain.ResultView) -> drift_pb2.DriftResult:
         id=view.id,
         monitor=view.monitor,
         endpoint=view.endpoint,
+        model=view.model,
         baseline=view.baseline,
         window_start=timestamp(view.window_start),
         window_end=timestamp(view.window_end),

@@ -23,6 +23,9 @@ class DriftSettings(ServiceSettings):
     collector_address: str = "127.0.0.1:50055"
     """host:port of the collector: the captured windows that checks read."""
 
+    deployer_address: str = "127.0.0.1:50054"
+    """host:port of the deployer: which endpoints serve the model of a model's monitor."""
+
     schedule_tick_seconds: float = Field(default=10, gt=0)
     """How often the scheduler looks for monitors whose next check is due."""
 

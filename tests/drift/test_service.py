@@ -25,7 +25,7 @@ from services.common import natsserver
 from services.launcher import health_status
 from tests.collector.processes import CollectorProcess, start_collector
 from tests.conftest import RegistryProcess, clean_environment, spawn_service, stop_process, stream_events
-from tests.deployer.processes import running_deployer
+from tests.deployer.processes import DeployerProcess, running_deployer
 from tests.deployer.test_servicer import wait_for
 from tests.runtime.conftest import register_adder
 
@@ -57,8 +57,17 @@ def collector(
 
 
 @pytest.fixture(scope="module")
+def deployer(registry_process: RegistryProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployerProcess]:
+    with running_deployer(tmp_path_factory.mktemp("deployer"), registry_process) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
 def drift(
-    registry_process: RegistryProcess, collector: CollectorProcess, tmp_path_factory: pytest.TempPathFactory
+    registry_process: RegistryProcess,
+    collector: CollectorProcess,
+    deployer: DeployerProcess,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[DriftProcess]:
     home = tmp_path_factory.mktemp("drift")
     port = natsserver.free_port()
@@ -69,6 +78,7 @@ def drift(
         "MLMESH_DRIFT_PORT": str(port),
         "MLMESH_DRIFT_REGISTRY_ADDRESS": registry_process.address,
         "MLMESH_DRIFT_COLLECTOR_ADDRESS": collector.address,
+        "MLMESH_DRIFT_DEPLOYER_ADDRESS": deployer.address,
         "MLMESH_DRIFT_SCHEDULE_TICK_SECONDS": "0.5",
         "MLMESH_DRIFT_MAX_WINDOW_ROWS": "100000",
     }
@@ -105,11 +115,16 @@ def send(address: str, rows: np.ndarray) -> None:
 
 
 def test_live_traffic_trips_a_monitor_on_the_shifted_input(
-    drift: DriftProcess, collector: CollectorProcess, registry_process: RegistryProcess, baseline: str, tmp_path: Path
+    drift: DriftProcess,
+    collector: CollectorProcess,
+    deployer: DeployerProcess,
+    registry_process: RegistryProcess,
+    baseline: str,
+    tmp_path: Path,
 ) -> None:
     adder = register_adder(registry_process, tmp_path)
     generator = np.random.default_rng(5)
-    with running_deployer(tmp_path / "deployer", registry_process) as deployer, deployer.client() as deployments:
+    with deployer.client() as deployments:
         deployments.create(ENDPOINT, adder, capture=True)
         endpoint = wait_for(deployments, ENDPOINT, "blue", deployer_pb2.DEPLOYMENT_STATUS_READY)
         address = deployments.get(ENDPOINT).grpc_address
@@ -139,6 +154,13 @@ def test_live_traffic_trips_a_monitor_on_the_shifted_input(
         moved = runner.invoke(app, ["drift", "check", "people-inputs", "--address", drift.address, "--json"])
         assert moved.exit_code == 0, moved.output
         moved_result = json.loads(moved.output)
+        # A monitor of the model reads the captures of every endpoint serving it: here, this one.
+        with drift.client() as client:
+            client.create_monitor("adder-model", model="adder", baseline_dataset=baseline, exclude=["label"])
+            by_model = client.check("adder-model")
+            client.delete_monitor("adder-model")
+    assert (by_model.endpoint, by_model.model, by_model.rows) == ("", "adder", 3000)
+    assert by_model.drift_detected and list(by_model.drifted_features) == ["x.1"]
     assert moved_result["drift_detected"] is True and moved_result["drifted_features"] == ["x.1"]
     assert moved_result["features"]["x.1"]["drifted"] and moved_result["features"]["x.1"]["wasserstein"] > 0.5
     assert not moved_result["features"]["x.0"]["drifted"]
@@ -178,6 +200,13 @@ def test_monitors_refuse_bad_input_and_change_nothing(drift: DriftProcess, basel
             ({"name": "../x", "endpoint": ENDPOINT, "baseline_dataset": baseline}, "INVALID_ARGUMENT", "name"),
             ({"name": "m", "endpoint": "Not/Ok", "baseline_dataset": baseline}, "INVALID_ARGUMENT", "endpoint"),
             ({"name": "m", "endpoint": ENDPOINT}, "INVALID_ARGUMENT", "exactly one baseline"),
+            ({"name": "m", "baseline_dataset": baseline}, "INVALID_ARGUMENT", "exactly one of endpoint and model"),
+            (
+                {"name": "m", "endpoint": ENDPOINT, "model": "adder", "baseline_dataset": baseline},
+                "INVALID_ARGUMENT",
+                "exactly one of endpoint and model",
+            ),
+            ({"name": "m", "model": "../etc", "baseline_dataset": baseline}, "INVALID_ARGUMENT", "model"),
             ({"name": "m", "endpoint": ENDPOINT, "baseline_dataset": "nobody:1"}, "NOT_FOUND", "registry"),
             (
                 {"name": "m", "endpoint": ENDPOINT, "baseline_dataset": baseline, "window_rows": 10**9},

@@ -112,6 +112,7 @@ class Monitor(_message.Message):
     CONSECUTIVE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     LAST_CHECKED_AT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     endpoint: _builtins.str
     """The endpoint whose captured requests are checked."""
@@ -127,6 +128,8 @@ class Monitor(_message.Message):
     """Checks run on their own every `schedule_seconds`; 0: only when asked."""
     consecutive: _builtins.int
     """Drift is detected only when this many consecutive windows drifted (1: every drifted window)."""
+    model: _builtins.str
+    """Instead of one endpoint: a model, whose captures are read from every endpoint serving it."""
     @_builtins.property
     def features(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Captured column -> baseline column, for each feature checked."""
@@ -157,10 +160,11 @@ class Monitor(_message.Message):
         consecutive: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         last_checked_at: _timestamp_pb2.Timestamp | None = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_checked_at", b"last_checked_at", "thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "baseline_rows", b"baseline_rows", "consecutive", b"consecutive", "created_at", b"created_at", "endpoint", b"endpoint", "features", b"features", "kinds", b"kinds", "last_checked_at", b"last_checked_at", "name", b"name", "schedule_seconds", b"schedule_seconds", "thresholds", b"thresholds", "window_rows", b"window_rows", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "baseline_rows", b"baseline_rows", "consecutive", b"consecutive", "created_at", b"created_at", "endpoint", b"endpoint", "features", b"features", "kinds", b"kinds", "last_checked_at", b"last_checked_at", "model", b"model", "name", b"name", "schedule_seconds", b"schedule_seconds", "thresholds", b"thresholds", "window_rows", b"window_rows", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -299,6 +303,7 @@ class DriftResult(_message.Message):
     DRIFTED_FEATURES_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     CHECKED_AT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     monitor: _builtins.str
     endpoint: _builtins.str
@@ -309,6 +314,8 @@ class DriftResult(_message.Message):
     drift_detected: _builtins.bool
     drift_coefficient: _builtins.float
     """0 (no feature drifted) to 1 (every feature drifted by at least twice its threshold)."""
+    model: _builtins.str
+    """A monitor of a model: the model (`endpoint` is then empty)."""
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp:
         """The window checked, and how many captured rows it held."""
@@ -337,10 +344,11 @@ class DriftResult(_message.Message):
         drifted_features: _abc.Iterable[_builtins.str] | None = ...,
         features: _abc.Iterable[Global___FeatureDrift] | None = ...,
         checked_at: _timestamp_pb2.Timestamp | None = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "checked_at", b"checked_at", "drift_coefficient", b"drift_coefficient", "drift_detected", b"drift_detected", "drifted", b"drifted", "drifted_features", b"drifted_features", "endpoint", b"endpoint", "features", b"features", "id", b"id", "monitor", b"monitor", "rows", b"rows", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "checked_at", b"checked_at", "drift_coefficient", b"drift_coefficient", "drift_detected", b"drift_detected", "drifted", b"drifted", "drifted_features", b"drifted_features", "endpoint", b"endpoint", "features", b"features", "id", b"id", "model", b"model", "monitor", b"monitor", "rows", b"rows", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -361,6 +369,7 @@ class CreateMonitorRequest(_message.Message):
     THRESHOLDS_FIELD_NUMBER: _builtins.int
     CONSECUTIVE_FIELD_NUMBER: _builtins.int
     EXCLUDE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """1-63 lowercase letters, digits and '-', starting with a letter."""
     endpoint: _builtins.str
@@ -370,6 +379,10 @@ class CreateMonitorRequest(_message.Message):
     window_seconds: _builtins.float
     schedule_seconds: _builtins.float
     consecutive: _builtins.int
+    model: _builtins.str
+    """Instead of `endpoint`: a registered model's name; each check reads the captures of every
+    endpoint with a deployment of it.
+    """
     @_builtins.property
     def baseline_window(self) -> Global___TimeWindow:
         """A captured window of the same endpoint."""
@@ -401,10 +414,11 @@ class CreateMonitorRequest(_message.Message):
         thresholds: Global___DriftThresholds | None = ...,
         consecutive: _builtins.int = ...,
         exclude: _abc.Iterable[_builtins.str] | None = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "baseline_dataset", b"baseline_dataset", "baseline_window", b"baseline_window", "thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "baseline_dataset", b"baseline_dataset", "baseline_window", b"baseline_window", "consecutive", b"consecutive", "endpoint", b"endpoint", "exclude", b"exclude", "features", b"features", "name", b"name", "schedule_seconds", b"schedule_seconds", "thresholds", b"thresholds", "window_rows", b"window_rows", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "baseline_dataset", b"baseline_dataset", "baseline_window", b"baseline_window", "consecutive", b"consecutive", "endpoint", b"endpoint", "exclude", b"exclude", "features", b"features", "model", b"model", "name", b"name", "schedule_seconds", b"schedule_seconds", "thresholds", b"thresholds", "window_rows", b"window_rows", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_baseline: _TypeAlias = _typing.Literal["baseline_dataset", "baseline_window"]  # noqa: Y015
     _WhichOneofArgType_baseline: _TypeAlias = _typing.Literal["baseline", b"baseline"]  # noqa: Y015
