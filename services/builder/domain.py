@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shutil
 import tempfile
 import time
@@ -34,10 +33,10 @@ from services.common import events, paging
 from services.common.db import Database
 from services.common.docker_engine import is_reference, split_tag
 from services.common.errors import FailedPrecondition, InvalidArgument, MlmeshError, NotFound
+from services.common.names import REGISTERED_NAME
 from services.common.outbox import Outbox
 
 SERVICE = "builder"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 CONVERTIBLE = ("sklearn", "xgboost", "lightgbm")
 MODEL_SUFFIXES = (".pkl", ".pickle", ".joblib")
 EXAMPLE_NAMES = ("input_example.json", "input_example.csv", "input_example.parquet")
@@ -56,7 +55,7 @@ class EnvironmentSpec:
 
 
 def check_name(value: str, what: str) -> str:
-    if not NAME_PATTERN.fullmatch(value or ""):
+    if not REGISTERED_NAME.fullmatch(value or ""):
         raise InvalidArgument(
             f"{what} {value[:64]!r} is not valid: 1-128 letters, digits, '.', '_' or '-', starting with a letter "
             "or digit",

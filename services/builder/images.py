@@ -62,6 +62,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.common.names import REGISTERED_NAME
 from services.runtime.settings import RuntimeSettings
 
 # What `python -m services.runtime` imports, found by importing it in a virtualenv that has only
@@ -87,7 +88,6 @@ RUNTIME_PACKAGES = (
     "sqlmodel",
 )
 
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PYTHON_VERSION = re.compile(r"3\.(1[1-9]|[2-9][0-9])")
 HASH_OPTION = re.compile(r"--hash[= ](sha256|sha384|sha512):[0-9a-fA-F]+")
 MAX_LOCK_BYTES = 1024 * 1024
@@ -524,9 +524,9 @@ def validate(spec: ImageSpec) -> list[str]:
     seen = set()
     for index, model in enumerate(spec.models):
         where = f"models[{index}]"
-        if not MODEL_NAME.fullmatch(model.name or ""):
+        if not REGISTERED_NAME.fullmatch(model.name or ""):
             raise InvalidArgument(
-                f"{where}: model name {model.name[:200]!r} must match {MODEL_NAME.pattern}", field=f"{where}.name"
+                f"{where}: model name {model.name[:200]!r} must match {REGISTERED_NAME.pattern}", field=f"{where}.name"
             )
         if isinstance(model.version, bool) or not isinstance(model.version, int) or model.version < 1:
             raise InvalidArgument(f"{where}: version must be a positive integer", field=f"{where}.version")

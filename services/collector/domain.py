@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import threading
 import time
@@ -44,13 +43,13 @@ from services.collector.records import FIXED_COLUMNS, TIME_TYPE, CaptureBuffer, 
 from services.collector.records import valid_name as _valid_name
 from services.common.db import Database
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.common.names import REGISTERED_NAME
 
 log = logging.getLogger(__name__)
 
 COMPRESSION = "zstd"
 STORE_MARKER = ".mlmesh-collector-store"
 EXPORTS = ".exports"
-DATASET_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_REQUEST_ID_CHARS = 1024
 MAX_LABEL_CHARS = 1024
 MAX_ROW = 2**31 - 1
@@ -710,7 +709,7 @@ class Collector:
 
     def export(self, window: Window, dataset: str, description: str = "") -> ExportView:
         """Write the window as one Parquet file and register it as the dataset's next version."""
-        if not isinstance(dataset, str) or not DATASET_PATTERN.fullmatch(dataset):
+        if not isinstance(dataset, str) or not REGISTERED_NAME.fullmatch(dataset):
             raise InvalidArgument(
                 f"dataset {dataset[:80]!r} is not a valid name: 1-128 letters, digits, '.', '_' and '-', "
                 "starting with a letter or digit",

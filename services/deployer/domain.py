@@ -9,7 +9,6 @@ outbox in the same transaction.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,11 +22,11 @@ from services.common import events, paging
 from services.common.db import Database
 from services.common.docker_engine import is_reference
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.names import ENDPOINT_NAME
 from services.common.outbox import Outbox
 from services.deployer.models import BatchJobRow, DeploymentRow, EndpointRow, ReplicaRow
 
 SERVICE = "deployer"
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 TARGETS = ("local", "docker", "kubernetes")
 
 # Deployment statuses
@@ -211,7 +210,7 @@ def usage_id(endpoint: str, deployment: str) -> str:
 
 
 def check_name(value: str, what: str) -> str:
-    if not NAME_PATTERN.fullmatch(value or ""):
+    if not ENDPOINT_NAME.fullmatch(value or ""):
         raise InvalidArgument(
             f"{what} name {value[:100]!r} is not valid: 1-40 lowercase letters, digits and '-', starting with a letter",
             field=what,

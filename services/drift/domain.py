@@ -30,14 +30,13 @@ from sqlmodel import Session, col, select
 from services.common import events, paging
 from services.common.db import Database
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.names import ENDPOINT_NAME, REGISTERED_NAME
 from services.common.outbox import Outbox
 from services.drift import statistics
 from services.drift.models import CheckRow, MonitorRow
 
 SERVICE = "drift"
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-ENDPOINT_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
-MODEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 COLUMN_PATTERN = re.compile(r"^[^\x00-\x1f]{1,200}$")
 MAX_FEATURES = 1000
 MAX_BACKFILL_STEPS = 1000
@@ -145,12 +144,12 @@ def check_spec(spec: MonitorSpec, max_window_rows: int) -> None:
     if spec.endpoint:
         check_name(
             spec.endpoint,
-            ENDPOINT_PATTERN,
+            ENDPOINT_NAME,
             "endpoint",
             "1-40 lowercase letters, digits and '-', starting with a letter",
         )
     else:
-        check_name(spec.model, MODEL_PATTERN, "model", "a registered model's name: letters, digits, '.', '_', '-'")
+        check_name(spec.model, REGISTERED_NAME, "model", "a registered model's name: letters, digits, '.', '_', '-'")
     if bool(spec.baseline_dataset) == (spec.baseline_window is not None):
         raise InvalidArgument(
             "give exactly one baseline: a registered dataset (name:version) or a captured window", field="baseline"

@@ -34,6 +34,7 @@ from services.common.errors import (
     NotFound,
     ResourceExhausted,
 )
+from services.common.names import REGISTERED_NAME
 from services.common.outbox import Outbox
 from services.registry import formats
 from services.registry.models import (
@@ -52,7 +53,6 @@ from services.registry.models import (
 
 SERVICE = "registry"
 FRAMEWORKS = ("onnx", "sklearn", "xgboost", "lightgbm", "pytorch", "other")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TAG_KEY_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}")
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}")
 MAX_TAG_VALUE = 1024
@@ -75,7 +75,7 @@ Reader = Session | Connection
 
 
 def check_name(value: str, what: str = "name") -> str:
-    if not NAME_PATTERN.fullmatch(value or ""):
+    if not REGISTERED_NAME.fullmatch(value or ""):
         raise InvalidArgument(
             f"{what} {value[:140]!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit",
