@@ -108,10 +108,17 @@ def default_actor() -> str:
         return "anonymous"
 
 
-def to_timestamp(moment: datetime | None) -> Timestamp | None:
-    """A datetime as a protobuf Timestamp (None stays unset); a naive datetime is taken as local time."""
+Moment = float | datetime | None
+"""A point in time: Unix seconds, a datetime (naive means local time), or None for unbounded."""
+
+
+def to_timestamp(moment: Moment) -> Timestamp | None:
+    """Unix seconds or a datetime as a protobuf Timestamp (None stays unset); a naive datetime is
+    taken as local time."""
     if moment is None:
         return None
+    if not isinstance(moment, datetime):
+        return timestamp(moment)
     value = Timestamp()
     value.FromDatetime(moment.astimezone(UTC))
     return value
@@ -849,11 +856,6 @@ class BuilderClient(_ServiceClient):
         return written
 
 
-def _time(seconds: float | None) -> Timestamp | None:
-    """A Timestamp, or None (the field stays unset) for None."""
-    return None if seconds is None else timestamp(seconds)
-
-
 class DriftClient(_ServiceClient):
     """A connection to the drift service (mlmesh.v1.DriftService): monitors and their checks.
 
@@ -902,7 +904,7 @@ class DriftClient(_ServiceClient):
         )
         if baseline_window is not None:
             request.baseline_window.CopyFrom(
-                drift_pb2.TimeWindow(start=_time(baseline_window[0]), end=_time(baseline_window[1]))
+                drift_pb2.TimeWindow(start=to_timestamp(baseline_window[0]), end=to_timestamp(baseline_window[1]))
             )
         else:
             request.baseline_dataset = baseline_dataset
@@ -923,7 +925,7 @@ class DriftClient(_ServiceClient):
 
     def check(self, name: str, window_end: float | None = None) -> drift_pb2.DriftResult:
         """Check the monitor's latest window (or the one ending at `window_end`) now."""
-        request = drift_pb2.CheckDriftRequest(name=name, window_end=_time(window_end))
+        request = drift_pb2.CheckDriftRequest(name=name, window_end=to_timestamp(window_end))
         return self._call(self._stub.CheckDrift, request).result
 
     def results(self, name: str, limit: int = 0) -> list[drift_pb2.DriftResult]:
@@ -942,19 +944,14 @@ class DriftClient(_ServiceClient):
 
     def backfill(self, name: str, start: float, end: float, step_seconds: float = 0) -> list[drift_pb2.DriftResult]:
         request = drift_pb2.BackfillDriftRequest(
-            name=name, range=drift_pb2.TimeWindow(start=_time(start), end=_time(end)), step_seconds=step_seconds
+            name=name,
+            range=drift_pb2.TimeWindow(start=to_timestamp(start), end=to_timestamp(end)),
+            step_seconds=step_seconds,
         )
         return list(self._call(self._stub.BackfillDrift, request).results)
 
 
-Moment = float | datetime | None
-"""A point in time: Unix seconds, a datetime (naive means local time), or None for unbounded."""
-
 LabelValue = str | float | int
-
-
-def _timestamp_of(moment: Moment) -> Timestamp | None:
-    return to_timestamp(moment) if isinstance(moment, datetime) else _time(moment)
 
 
 class _ArrowStream(io.RawIOBase):
@@ -1014,8 +1011,8 @@ class CollectorClient(_ServiceClient):
         request = collector_pb2.QueryCapturesRequest(
             endpoint=endpoint,
             deployment=deployment,
-            start_time=_timestamp_of(start),
-            end_time=_timestamp_of(end),
+            start_time=to_timestamp(start),
+            end_time=to_timestamp(end),
             columns=list(columns),
             include_labels=include_labels,
         )
@@ -1046,8 +1043,8 @@ class CollectorClient(_ServiceClient):
         request = collector_pb2.ExportCapturesRequest(
             endpoint=endpoint,
             deployment=deployment,
-            start_time=_timestamp_of(start),
-            end_time=_timestamp_of(end),
+            start_time=to_timestamp(start),
+            end_time=to_timestamp(end),
             dataset=dataset,
             columns=list(columns),
             include_labels=include_labels,
