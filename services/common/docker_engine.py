@@ -22,6 +22,8 @@ PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 REGISTRY_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]+)?"
 REPOSITORY = re.compile(rf"(?:{REGISTRY_HOST}/)?{PATH_COMPONENT}(?:/{PATH_COMPONENT})*")
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_API_VERSIONS: dict[str, str] = {}
+"""The API version each engine (by address) answered with."""
 
 
 @contextlib.contextmanager
@@ -31,9 +33,12 @@ def engine(docker_url: str | None, timeout: float = 30) -> Iterator[docker.APICl
     options: dict[str, Any] = {"base_url": docker_url} if docker_url else docker.utils.kwargs_from_env()
     where = options.get("base_url") or "unix:///var/run/docker.sock"
     try:
-        client = docker.APIClient(version="auto", timeout=30, **options)
+        # The API version is asked of the engine once; later clients skip that round trip (the
+        # deployer makes one per replica check).
+        client = docker.APIClient(version=_API_VERSIONS.get(where, "auto"), timeout=30, **options)
     except docker.errors.DockerException as error:
         raise Unavailable(f"no Docker engine answers at {where}: start dockerd or set DOCKER_HOST ({error})") from None
+    _API_VERSIONS[where] = client.api_version
     # Only the first answer (the version) was worth a short wait: builds and archives stream for minutes.
     client.timeout = timeout
     try:

@@ -171,9 +171,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         of a small inference call's throughput."""
         if self._tracer is None:
             return contextlib.nullcontext()
-        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
-        if "traceparent" not in metadata:
+        received = context.invocation_metadata() or ()
+        if not any(key == "traceparent" for key, _ in received):
             return contextlib.nullcontext()
+        metadata = {key: value for key, value in received if isinstance(value, str)}
         return self._tracer.start_as_current_span(
             method.lstrip("/"),
             context=telemetry.extract_context(metadata),

@@ -80,17 +80,14 @@ class Reconciler:
         *,
         interval_seconds: float,
         ready_timeout_seconds: float,
+        containers: containers_module.DockerContainers,
         cluster: DeployerSettings | None = None,
-        containers: containers_module.DockerContainers | None = None,
         builder: Any = None,
     ) -> None:
         self.deployer = deployer
         self.cluster = cluster or DeployerSettings()
         self.processes = processes
-        self.containers = containers or containers_module.DockerContainers(
-            self.cluster.docker_url, str(processes.home), None, processes.log_level, processes.launch_log
-        )
-        self.runners: dict[str, local.ReplicaRunner] = {"local": processes, "docker": self.containers}
+        self.runners: dict[str, local.ReplicaRunner] = {"local": processes, "docker": containers}
         self.builder = builder
         """The builder's client (services.client.BuilderClient in RemoteCalls): builds docker images."""
         self._builds: dict[int, asyncio.Task[str]] = {}
