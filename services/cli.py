@@ -1847,23 +1847,26 @@ def show_result(result: drift_pb2.DriftResult) -> None:
         f"[bold]{escape(result.monitor)}[/bold]  {verdict}  {result.rows} rows  "
         f"{when(result.window_start)} .. {when(result.window_end)}  coefficient {result.drift_coefficient:.3f}"
     )
+    feature_table(result_dict(result)["features"])
+
+
+def feature_table(features: dict[str, dict[str, Any]]) -> None:
+    """Per-feature drift as a table: features by name, each as in result_dict or feature_dict."""
     table = new_table("feature", "kind", "drifted", "score", "p (adjusted)", "missing", "note")
-    for feature in result.features:
-        score_name = MAIN_SCORE.get(feature.kind, "wasserstein")
-        score = f"{score_name} {getattr(feature, score_name):.4f}" if feature.HasField(score_name) else "-"
-        if feature.kind == "numeric" and feature.HasField("psi"):
-            score += f", psi {feature.psi:.4f}"
+    for name, found in features.items():
+        score_name = MAIN_SCORE.get(found.get("kind", ""), "wasserstein")
+        score = f"{score_name} {found[score_name]:.4f}" if found.get(score_name) is not None else "-"
+        if found.get("kind") == "numeric" and found.get("psi") is not None:
+            score += f", psi {found['psi']:.4f}"
+        unseen = [str(category) for category in found.get("unseen_categories") or ()]
         table.add_row(
-            escape(feature.name),
-            feature.kind,
-            "[red]yes[/red]" if feature.drifted else "no",
+            escape(name),
+            found.get("kind", ""),
+            "[red]yes[/red]" if found.get("drifted") else "no",
             score,
-            f"{feature.p_value_adjusted:.3g}" if feature.HasField("p_value_adjusted") else "-",
-            f"{feature.missing_rate:.1%}",
-            escape(
-                feature.note
-                or (", ".join(feature.unseen_categories) and "unseen: " + ", ".join(feature.unseen_categories[:5]))
-            ),
+            f"{found['p_value_adjusted']:.3g}" if found.get("p_value_adjusted") is not None else "-",
+            f"{found.get('missing_rate') or 0:.1%}",
+            escape(found.get("note") or (unseen and "unseen: " + ", ".join(unseen[:5])) or ""),
         )
     console.print(table)
 
@@ -2206,19 +2209,7 @@ def drift_compare(
         return
     verdict = "[red]drift detected[/red]" if result.drift_detected else "no drift detected"
     console.print(f"{verdict}  {result.n_rows} rows  coefficient {result.drift_coefficient:.3f}")
-    table = new_table("feature", "kind", "drifted", "score", "p (adjusted)", "missing")
-    for name, found in data["features"].items():
-        score_name = MAIN_SCORE.get(found["kind"], "wasserstein")
-        score = found.get(score_name)
-        table.add_row(
-            escape(name),
-            found["kind"],
-            "[red]yes[/red]" if found["drifted"] else "no",
-            f"{score_name} {score:.4f}" if score is not None else "-",
-            f"{found['p_value_adjusted']:.3g}" if found.get("p_value_adjusted") is not None else "-",
-            f"{found['missing_rate']:.1%}",
-        )
-    console.print(table)
+    feature_table(data["features"])
 
 
 # ---------------------------------------------------------------- captures

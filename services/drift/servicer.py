@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import grpc
@@ -12,12 +13,17 @@ from services.common.convert import seconds, timestamp
 from services.drift import domain
 
 
+def window_from_proto(window: drift_pb2.TimeWindow) -> tuple[float, float]:
+    """(start, end) in Unix seconds; an unset bound is NaN, which the domain refuses as no time."""
+    start = seconds(window.start, window.HasField("start"))
+    end = seconds(window.end, window.HasField("end"))
+    return (math.nan if start is None else start, math.nan if end is None else end)
+
+
 def spec_from_proto(request: drift_pb2.CreateMonitorRequest) -> domain.MonitorSpec:
     window = None
     if request.HasField("baseline_window"):
-        start = seconds(request.baseline_window.start, request.baseline_window.HasField("start"))
-        end = seconds(request.baseline_window.end, request.baseline_window.HasField("end"))
-        window = (start if start is not None else float("nan"), end if end is not None else float("nan"))
+        window = window_from_proto(request.baseline_window)
     return domain.MonitorSpec(
         name=request.name,
         endpoint=request.endpoint,
@@ -136,13 +142,12 @@ class DriftServicer(drift_pb2_grpc.DriftServiceServicer):
         return drift_pb2.ListDriftResultsResponse(results=[result_to_proto(v) for v in views], next_page_token=token)
 
     async def BackfillDrift(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        start = seconds(request.range.start, request.range.HasField("start"))
-        end = seconds(request.range.end, request.range.HasField("end"))
+        start, end = window_from_proto(request.range)
         views = await asyncio.to_thread(
             self.monitors.backfill,
             request.name,
-            start if start is not None else float("nan"),
-            end if end is not None else float("nan"),
+            start,
+            end,
             request.step_seconds,
         )
         return drift_pb2.BackfillDriftResponse(results=[result_to_proto(view) for view in views])
