@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import nats
+import nats.js.errors
 
 from services.common import telemetry
 from tests.registry.uploads import model_upload
@@ -16,7 +19,18 @@ async def test_traceparent_flows_from_grpc_metadata_to_the_event_headers(registr
         model_upload("traced", [("m", b"x")]), metadata=[("traceparent", caller)]
     )
     connection = await nats.connect(nats_server.url)
-    subscription = await connection.jetstream().subscribe("mlmesh.events.model.registered", ordered_consumer=True)
+    jetstream = connection.jetstream()
+    # The relay creates MLMESH_EVENTS when it first connects, which on a busy machine may come
+    # after the registration has answered.
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        try:
+            await jetstream.stream_info("MLMESH_EVENTS")
+            break
+        except nats.js.errors.NotFoundError:
+            assert asyncio.get_running_loop().time() < deadline, "the relay did not create MLMESH_EVENTS"
+            await asyncio.sleep(0.05)
+    subscription = await jetstream.subscribe("mlmesh.events.model.registered", ordered_consumer=True)
     message = await subscription.next_msg(timeout=20)
     await connection.close()
     version, trace_id, span_id, flags = message.headers["traceparent"].split("-")
