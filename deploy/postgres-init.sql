@@ -3,3 +3,4 @@ CREATE DATABASE mlmesh_deployer;
 CREATE DATABASE mlmesh_builder;
 CREATE DATABASE mlmesh_collector;
 CREATE DATABASE mlmesh_drift;
+CREATE DATABASE mlmesh_profiler;

@@ -42,8 +42,16 @@ from rich.progress import (
 from rich.table import Table
 
 from services import launcher
-from services._proto.mlmesh.v1 import builder_pb2, deployer_pb2, drift_pb2, registry_pb2
-from services.client import BuilderClient, CollectorClient, DeployerClient, DriftClient, MeshError, RegistryClient
+from services._proto.mlmesh.v1 import builder_pb2, deployer_pb2, drift_pb2, profiler_pb2, registry_pb2
+from services.client import (
+    BuilderClient,
+    CollectorClient,
+    DeployerClient,
+    DriftClient,
+    MeshError,
+    ProfilerClient,
+    RegistryClient,
+)
 from services.client import Progress as ProgressCallback
 from services.common import events
 from services.common.errors import MlmeshError
@@ -74,6 +82,7 @@ drift_app = typer.Typer(
     help="Watch endpoints for drift: monitors against a baseline, checks, results, offline compare."
 )
 monitor_app = typer.Typer(help="Create, list, show and delete drift monitors.")
+profiles_app = typer.Typer(help="List and show stored profiles (`mlmesh profile REF` makes one).")
 captures_app = typer.Typer(
     help="What endpoints received and answered: query, statistics, export as a dataset, labels, retention."
 )
@@ -90,6 +99,7 @@ app.add_typer(build_app, name="build", no_args_is_help=True)
 app.add_typer(drift_app, name="drift", no_args_is_help=True)
 drift_app.add_typer(monitor_app, name="monitor", no_args_is_help=True)
 app.add_typer(captures_app, name="captures", no_args_is_help=True)
+app.add_typer(profiles_app, name="profiles", no_args_is_help=True)
 
 
 class CliSettings(MeshSettings):
@@ -103,6 +113,9 @@ class CliSettings(MeshSettings):
 
     builder_address: str = ""
     """host:port of the builder (MLMESH_BUILDER_ADDRESS); empty means the running local mesh."""
+
+    profiler_address: str = ""
+    """host:port of the profiler (MLMESH_PROFILER_ADDRESS); empty means the running local mesh."""
 
     drift_address: str = ""
     """host:port of the drift service (MLMESH_DRIFT_ADDRESS); empty means the running local mesh."""
@@ -175,6 +188,10 @@ def deployer(address: str | None) -> contextlib.AbstractContextManager[DeployerC
 
 def builder(address: str | None) -> contextlib.AbstractContextManager[BuilderClient]:
     return connected("builder", BuilderClient, address)
+
+
+def profiler(address: str | None) -> contextlib.AbstractContextManager[ProfilerClient]:
+    return connected("profiler", ProfilerClient, address)
 
 
 def drift(address: str | None) -> contextlib.AbstractContextManager[DriftClient]:
@@ -539,10 +556,29 @@ def models_show(
     moment = parse_time(at, "--at")
     with registry(address) as client:
         version = client.get(ref, at=moment)
+    profile = latest_profile(version.name, version.version)
     if as_json:
-        print_json(to_dict(version))
+        value = to_dict(version)
+        if profile is not None:
+            value["profile"] = {"id": profile.id, **to_dict(profile.recommendation), "slo": to_dict(profile.slo)}
+        print_json(value)
     else:
         show_version(version)
+        if profile is not None:
+            console.print(
+                f"[bold]profile[/bold]  {profile.id} (p99 {profile.slo.p99_ms:g} ms on {profile.target}): "
+                f"{escape(profile.recommendation.explanation)}",
+                soft_wrap=True,
+            )
+
+
+def latest_profile(name: str, version: int) -> profiler_pb2.Profile | None:
+    """The version's newest completed profile, when a profiler answers (else nothing: it is optional here)."""
+    try:
+        with ProfilerClient(service_address("profiler", None), timeout=3) as client:
+            return client.latest(name, version)
+    except MeshError:
+        return None
 
 
 @models_app.command("search")
@@ -1122,6 +1158,12 @@ def show_endpoint(endpoint: deployer_pb2.Endpoint) -> None:
         )
     console.print(table)
     for deployment in endpoint.deployments:
+        if deployment.resources.profile:
+            batching = deployment.resources.max_batch_rows
+            console.print(
+                f"{escape(deployment.name)}: resources recommended by {deployment.resources.profile}"
+                + (f" (batching up to {batching} rows)" if batching else "")
+            )
         if deployment.message:
             console.print(f"{escape(deployment.name)}: {escape(deployment.message)}")
 
@@ -1149,7 +1191,17 @@ def deploy_create(
     ] = None,
     cpus: Annotated[float, typer.Option(min=0, help="CPU cores per replica (0: no limit).")] = 0,
     memory: Annotated[int, typer.Option("--memory", min=0, help="Memory per replica in MiB (0: no limit).")] = 0,
-    replicas: Annotated[int, typer.Option(min=1, help="How many copies serve the deployment.")] = 1,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, help="How many copies serve the deployment (default 1).", show_default=False)
+    ] = None,
+    resources: Annotated[
+        str,
+        typer.Option(
+            "--resources",
+            help="`recommended`: cpus, memory, batching and (unless --replicas) replicas from the version's newest "
+            "profile on the target (`mlmesh profile`).",
+        ),
+    ] = "",
     capture: Annotated[bool, typer.Option(help="Capture requests and answers to MLMESH_CAPTURE.")] = False,
     image: Annotated[
         str,
@@ -1160,6 +1212,9 @@ def deploy_create(
     as_json: JsonOption = False,
 ) -> None:
     """Deploy a model version to an endpoint and wait until it serves."""
+    if resources not in ("", "recommended"):
+        fail(f"--resources takes `recommended`, not {resources!r}", 2)
+    recommended = resources == "recommended"
     with deployer(address) as client:
         client.create(
             endpoint,
@@ -1168,10 +1223,11 @@ def deploy_create(
             target=target,
             cpus=cpus,
             memory_mb=memory,
-            replicas=replicas,
+            replicas=replicas or (0 if recommended else 1),
             traffic=traffic,
             capture=capture,
             image=image,
+            recommended_resources=recommended,
         )
         result = client.get(endpoint)
         if wait:
@@ -2189,7 +2245,8 @@ def drift_compare(
     as_json: JsonOption = False,
 ) -> None:
     """Compare two files offline with the monitors' statistics; no service needed."""
-    from services.drift.domain import compare_tables, feature_dict, read_table_file
+    from services.common.convert import read_table_file
+    from services.drift.domain import compare_tables, feature_dict
 
     try:
         result = compare_tables(read_table_file(reference), read_table_file(current), split_names(features))
@@ -2522,6 +2579,317 @@ def captures_retention(
         print_json(to_dict(retention))
     else:
         console.print(f"{escape(endpoint)}: {retention_text(retention)}")
+
+
+# ---------------------------------------------------------------- profiles
+
+
+ProfilerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="host:port of the profiler. Default: MLMESH_PROFILER_ADDRESS, else the mesh that `mlmesh up` "
+        "started in MLMESH_HOME, else 127.0.0.1:MLMESH_PROFILER_PORT (50053).",
+        show_default=False,
+    ),
+]
+SIZE_KEYS = {"cpus": "cpus", "memory": "memory_mb", "memory_mb": "memory_mb", "threads": "threads"}
+SIZE_KEYS |= {"batch": "max_batch_rows", "max_batch_rows": "max_batch_rows"}
+
+
+def parse_size_option(text: str) -> dict[str, Any]:
+    """`cpus=1,memory=512,threads=1,batch=16` -> the fields of a profiler Size."""
+    size: dict[str, Any] = {}
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        key, _, value = part.partition("=")
+        field_name = SIZE_KEYS.get(key.strip())
+        if field_name is None:
+            fail(f"--size takes cpus=, memory=, threads= and batch=, not {key!r}", 2)
+        try:
+            size[field_name] = float(value) if field_name == "cpus" else int(value)
+        except ValueError:
+            fail(f"--size {key}= needs a number, not {value!r}", 2)
+    if "cpus" not in size:
+        fail(f"--size {text!r} needs cpus=", 2)
+    return size
+
+
+def profile_dict(profile: profiler_pb2.Profile) -> dict[str, Any]:
+    """A profile as JSON: its fields, plus `steps` (every step of every size, with its size) and
+    `recommendation` at the top."""
+    value = to_dict(profile)
+    value["status"] = profiler_pb2.ProfileStatus.Name(profile.status).removeprefix("PROFILE_STATUS_").lower()
+    value["steps"] = [
+        {**to_dict(step), "cpus": size.size.cpus, "memory_limit_mb": size.size.memory_mb}
+        for size in profile.sizes
+        for step in size.steps
+    ]
+    return value
+
+
+def size_label(size: profiler_pb2.Size) -> str:
+    label = f"{size.cpus:g} cpu"
+    if size.memory_mb:
+        label += f" {size.memory_mb} MiB"
+    label += f" {size.threads}t"
+    return label + (f" batch {size.max_batch_rows}" if size.max_batch_rows else "")
+
+
+def show_profile(profile: profiler_pb2.Profile) -> None:
+    status = profiler_pb2.ProfileStatus.Name(profile.status).removeprefix("PROFILE_STATUS_").lower()
+    console.print(
+        f"profile {profile.id} of {escape(profile.model_name)}:{profile.model_version} on {profile.target}: "
+        f"{status} in {profile.seconds:.0f} s (samples: {escape(profile.samples)}, load: {profile.load_generator})"
+    )
+    if profile.reason:
+        console.print(f"[red]{escape(profile.reason)}[/red]", soft_wrap=True)
+    table = new_table(
+        "size", "in flight", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "cpu %", "mem MiB", "load %"
+    )
+    for result in profile.sizes:
+        for step in result.steps:
+            load = f"{step.load_generator_cpu_percent:.0f}" + (
+                " [yellow]saturated[/yellow]" if step.load_generator_saturated else ""
+            )
+            table.add_row(
+                size_label(result.size),
+                str(step.concurrency),
+                f"{step.throughput_rps:,.0f}",
+                f"{step.p50_ms:.2f}",
+                f"{step.p90_ms:.2f}",
+                f"{step.p99_ms:.2f}",
+                f"{step.error_rate:.1%}" if step.errors else "0",
+                f"{step.cpu_percent:.0f}",
+                f"{step.memory_mb:.0f}",
+                load,
+            )
+    console.print(table)
+    recommendation = profile.recommendation
+    if profile.status == profiler_pb2.PROFILE_STATUS_COMPLETED:
+        colour = "green" if recommendation.met else "red"
+        head = "recommended" if recommendation.met else "SLO not met"
+        console.print(f"[{colour}]{head}:[/{colour}] {escape(recommendation.explanation)}", soft_wrap=True)
+
+
+def write_profile_chart(path: Path, profile: profiler_pb2.Profile) -> None:
+    """p99 latency against throughput, one line per size, with the SLO: PNG (matplotlib) or HTML (SVG)."""
+    series = {
+        size_label(result.size): [(step.throughput_rps, step.p99_ms) for step in result.steps]
+        for result in profile.sizes
+        if result.steps
+    }
+    slo = profile.slo.p99_ms
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            fail("a PNG chart needs matplotlib (pip install 'mlmesh[charts]'); or write --chart FILE.html", 2)
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for label, points in series.items():
+            axis.plot([rate for rate, _ in points], [p99 for _, p99 in points], marker="o", label=label)
+        axis.axhline(slo, color="red", linestyle="--", label=f"SLO p99 {slo:g} ms")
+        axis.set_xlabel("throughput (requests/s)")
+        axis.set_ylabel("p99 latency (ms)")
+        axis.set_title(f"{profile.model_name}:{profile.model_version} on {profile.target}")
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(path)
+        plt.close(figure)
+        return
+    if suffix != ".html":
+        fail("--chart takes a .png or .html file", 2)
+    width, height, pad = 640, 360, 40
+    top_rate = max([rate for points in series.values() for rate, _ in points] or [1.0]) or 1.0
+    top_latency = max([slo * 1.2, *(p99 for points in series.values() for _, p99 in points)])
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+
+    def x(rate: float) -> float:
+        return pad + rate / top_rate * (width - 2 * pad)
+
+    def y(latency: float) -> float:
+        return height - pad - latency / top_latency * (height - 2 * pad)
+
+    parts = [
+        "<!doctype html><meta charset=utf-8>",
+        f"<title>profile {html.escape(profile.id)}</title>",
+        "<style>body{font:13px sans-serif;margin:20px}</style>",
+        f"<h1 style='font-size:16px'>p99 latency against throughput: {html.escape(profile.model_name)}:"
+        f"{profile.model_version} on {html.escape(profile.target)}</h1>",
+        f"<svg width={width} height={height} style='border:1px solid #ccc'>",
+        f"<line x1={pad} y1={y(slo):.1f} x2={width - pad} y2={y(slo):.1f} stroke=red stroke-dasharray='4 3'/>",
+        f"<text x={width - pad} y={y(slo) - 4:.1f} text-anchor=end fill=red>SLO {slo:g} ms</text>",
+        f"<text x={width / 2} y={height - 8} text-anchor=middle>requests/s (max {top_rate:,.0f})</text>",
+        f"<text x=8 y={pad - 12}>p99 ms (max {top_latency:.1f})</text>",
+    ]
+    for index, (label, points) in enumerate(series.items()):
+        colour = colours[index % len(colours)]
+        line = " ".join(f"{x(rate):.1f},{y(p99):.1f}" for rate, p99 in points)
+        parts.append(f"<polyline points='{line}' fill=none stroke='{colour}' stroke-width=2/>")
+        parts.extend(f"<circle cx={x(rate):.1f} cy={y(p99):.1f} r=3 fill='{colour}'/>" for rate, p99 in points)
+        parts.append(
+            f"<text x={width - pad + 4 - 150} y={pad + 14 * index} fill='{colour}'>{html.escape(label)}</text>"
+        )
+    parts.append("</svg>")
+    path.write_text("\n".join(parts))
+
+
+@app.command("profile")
+def profile_command(
+    ref: Annotated[str, typer.Argument(help="An ONNX model version: name:version or name@alias.")],
+    slo_p99_ms: Annotated[
+        float, typer.Option("--slo-p99-ms", help="The latency goal: p99 in milliseconds.", min=0.0)
+    ] = 100.0,
+    slo_rps: Annotated[
+        float, typer.Option("--slo-rps", help="A throughput goal in requests/s (sets the replicas); 0: none.", min=0.0)
+    ] = 0.0,
+    target: Annotated[str, typer.Option("--target", help="local (processes pinned to cores) or docker.")] = "local",
+    image: Annotated[
+        str, typer.Option("--image", help="docker: an image serving the model; default: the builder's.")
+    ] = "",
+    sample_dataset: Annotated[
+        str,
+        typer.Option(
+            "--sample-dataset",
+            help="Sample inputs from a registered dataset (name:version). Default: the version's input example, "
+            "else rows generated from the signature.",
+        ),
+    ] = "",
+    rows: Annotated[int, typer.Option("--rows", min=0, help="Rows per request (0: 1).")] = 0,
+    concurrency: Annotated[
+        str | None,
+        typer.Option(
+            "--concurrency",
+            help="Calls in flight at each step, comma-separated (default 1,2,4,8,16).",
+            show_default=False,
+        ),
+    ] = None,
+    sizes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--size",
+            help="A size to try, as cpus=N[,memory=MiB][,threads=N][,batch=ROWS]; repeat for more. Default: local 1 "
+            "core, 1 core with batching and every core; docker 0.5, 1 and 2 cpus with 1024 MiB.",
+            show_default=False,
+        ),
+    ] = None,
+    step_seconds: Annotated[
+        float, typer.Option("--step-seconds", min=0.0, help="Measured length of each step (0: 1.5).")
+    ] = 0.0,
+    warmup_seconds: Annotated[
+        float, typer.Option("--warmup-seconds", min=0.0, help="Warm-up before each step (0: 0.5).")
+    ] = 0.0,
+    chart: Annotated[
+        Path | None,
+        typer.Option("--chart", help="Write p99 latency against throughput per size: FILE.png or FILE.html."),
+    ] = None,
+    address: ProfilerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Profile a model version: run the real runtime at each size, load it at each concurrency,
+    measure throughput, latency, CPU and memory, and recommend the smallest size (and replicas)
+    that meets the SLO with 20% headroom. `mlmesh deploy create ... --resources recommended` uses it."""
+    try:
+        levels = [int(level) for level in (concurrency or "").split(",") if level.strip()]
+    except ValueError:
+        fail(f"--concurrency takes whole numbers separated by commas, not {concurrency!r}", 2)
+    if concurrency is not None and not levels:
+        fail("--concurrency names no level: give calls in flight such as 1,4,16 (or leave it out for the default)", 2)
+    size_fields = [parse_size_option(text) for text in sizes or []]
+    with (
+        profiler(address) as client,
+        progress_bar(TextColumn("{task.completed}/{task.total} steps"), quiet=as_json) as bar,
+    ):
+        task = bar.add_task(f"profiling {ref}", total=None)
+
+        def advance(update: profiler_pb2.ProfileProgress) -> None:
+            bar.update(task, description=escape(update.message[:80]), completed=update.done, total=update.total or None)
+
+        profile = client.profile(
+            ref,
+            slo_p99_ms=slo_p99_ms,
+            slo_throughput_rps=slo_rps,
+            target=target,
+            image=image,
+            sample_dataset=sample_dataset,
+            rows_per_request=rows,
+            concurrency=levels,
+            sizes=size_fields,
+            step_seconds=step_seconds,
+            warmup_seconds=warmup_seconds,
+            on_progress=advance,
+        )
+    if chart is not None:
+        write_profile_chart(chart, profile)
+    if as_json:
+        print_json(profile_dict(profile))
+    else:
+        show_profile(profile)
+        if chart is not None:
+            console.print(f"chart: {escape(str(chart))}")
+    if profile.status == profiler_pb2.PROFILE_STATUS_FAILED:
+        raise typer.Exit(1)
+
+
+@profiles_app.command("list")
+def profiles_list(
+    model: Annotated[str, typer.Argument(help="Only this model's profiles (name or name:version).")] = "",
+    limit: Annotated[int, typer.Option(min=0, help="At most this many, newest first (0: all).")] = 50,
+    address: ProfilerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List profiles, newest first, with each one's recommendation."""
+    name, _, version_text = model.partition(":")
+    if version_text and not version_text.isdigit():
+        fail("give a model as name or name:version", 2)
+    with profiler(address) as client:
+        profiles = client.list(name, int(version_text or 0), limit=limit)
+    if as_json:
+        print_json([profile_dict(profile) for profile in profiles])
+        return
+    table = new_table("id", "model", "target", "status", "SLO p99", "recommendation", "created")
+    for found in profiles:
+        status = profiler_pb2.ProfileStatus.Name(found.status).removeprefix("PROFILE_STATUS_").lower()
+        recommendation = found.recommendation
+        summary = (
+            f"{recommendation.replicas} x {recommendation.cpus:g} cpu, {recommendation.memory_mb} MiB"
+            if recommendation.met
+            else (found.reason or "SLO not met")[:60]
+        )
+        table.add_row(
+            found.id,
+            f"{escape(found.model_name)}:{found.model_version}",
+            found.target,
+            status,
+            f"{found.slo.p99_ms:g} ms",
+            escape(summary),
+            when(found.created_at),
+        )
+    console.print(table)
+
+
+@profiles_app.command("show")
+def profiles_show(
+    profile_id: Annotated[str, typer.Argument(help="A profile id (or profiles/<id>).")],
+    chart: Annotated[
+        Path | None,
+        typer.Option("--chart", help="Write p99 latency against throughput per size: FILE.png or FILE.html."),
+    ] = None,
+    address: ProfilerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one profile: every step's figures and the recommendation."""
+    with profiler(address) as client:
+        found = client.get(profile_id)
+    if chart is not None:
+        write_profile_chart(chart, found)
+    if as_json:
+        print_json(profile_dict(found))
+    else:
+        show_profile(found)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from services._proto.mlmesh.v1 import (
     deployer_pb2_grpc,
     drift_pb2,
     drift_pb2_grpc,
+    profiler_pb2,
+    profiler_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
 )
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_BUILDER_ADDRESS = "127.0.0.1:50052"
+DEFAULT_PROFILER_ADDRESS = "127.0.0.1:50053"
 DEFAULT_DEPLOYER_ADDRESS = "127.0.0.1:50054"
 DEFAULT_COLLECTOR_ADDRESS = "127.0.0.1:50055"
 DEFAULT_DRIFT_ADDRESS = "127.0.0.1:50056"
@@ -639,8 +642,11 @@ class DeployerClient(_ServiceClient):
         traffic: int | None = None,
         capture: bool = False,
         image: str = "",
+        recommended_resources: bool = False,
     ) -> deployer_pb2.Deployment:
-        """Add a deployment (and the endpoint when new); it starts in status CREATING."""
+        """Add a deployment (and the endpoint when new); it starts in status CREATING.
+        `recommended_resources` takes cpus, memory, batching and (with replicas=0) the replica count
+        from the version's newest profile on the target."""
         request = deployer_pb2.CreateDeploymentRequest(
             endpoint=endpoint,
             deployment=deployment,
@@ -651,6 +657,7 @@ class DeployerClient(_ServiceClient):
             traffic=traffic,
             capture=capture,
             image=image,
+            recommended_resources=recommended_resources,
         )
         return self._call(self._stub.CreateDeployment, request).deployment
 
@@ -854,6 +861,94 @@ class BuilderClient(_ServiceClient):
         finally:
             partial.unlink(missing_ok=True)
         return written
+
+
+class ProfilerClient(_ServiceClient):
+    """A connection to the profiler (mlmesh.v1.ProfilerService): profiles and sizing recommendations.
+
+    Args:
+        address: host:port of the profiler.
+        actor: who is calling; defaults to MLMESH_ACTOR or the login name.
+        timeout: seconds a call may take (a profile runs the runtime at every size and level).
+    """
+
+    def __init__(
+        self, address: str = DEFAULT_PROFILER_ADDRESS, actor: str | None = None, *, timeout: float = 3600.0
+    ) -> None:
+        super().__init__(address, actor, timeout)
+        self._stub = profiler_pb2_grpc.ProfilerServiceStub(self._channel)
+
+    def profile(
+        self,
+        model_ref: str,
+        *,
+        slo_p99_ms: float,
+        slo_throughput_rps: float = 0,
+        target: str = "",
+        image: str = "",
+        sample_dataset: str = "",
+        rows_per_request: int = 0,
+        concurrency: Iterable[int] = (),
+        sizes: Iterable[dict[str, Any]] = (),
+        step_seconds: float = 0,
+        warmup_seconds: float = 0,
+        on_progress: Callable[[profiler_pb2.ProfileProgress], None] | None = None,
+    ) -> profiler_pb2.Profile:
+        """Profile a model version and return the stored profile (its status says whether it
+        completed); `on_progress` sees each step as it is measured. `sizes` are dicts of cpus,
+        memory_mb, threads and max_batch_rows."""
+        request = profiler_pb2.ProfileModelRequest(
+            model_ref=model_ref,
+            target=target,
+            image=image,
+            sample_dataset=sample_dataset,
+            rows_per_request=rows_per_request,
+            slo=profiler_pb2.ServiceLevel(p99_ms=slo_p99_ms, throughput_rps=slo_throughput_rps),
+            concurrency=list(concurrency),
+            sizes=[profiler_pb2.Size(**size) for size in sizes],
+            step_seconds=step_seconds,
+            warmup_seconds=warmup_seconds,
+        )
+        profile = None
+        try:
+            for response in self._stub.ProfileModel(request, metadata=self._metadata):
+                if response.WhichOneof("part") == "progress":
+                    if on_progress:
+                        on_progress(response.progress)
+                else:
+                    profile = response.profile
+        except grpc.RpcError as error:
+            raise MeshError.from_rpc_error(error) from None
+        if profile is None:
+            raise MeshError("DATA_LOSS", "the profiler ended the stream without a profile")
+        return profile
+
+    def get(self, name: str) -> profiler_pb2.Profile:
+        """A profile by `profiles/<id>` or id."""
+        return self._call(self._stub.GetProfile, profiler_pb2.GetProfileRequest(name=name)).profile
+
+    def list(
+        self, model_name: str = "", model_version: int = 0, *, completed_only: bool = False, limit: int = 0
+    ) -> list[profiler_pb2.Profile]:
+        """Profiles, newest first (at most `limit`, 0: all)."""
+
+        def fetch(token: str) -> Any:
+            request = profiler_pb2.ListProfilesRequest(
+                model_name=model_name, model_version=model_version, completed_only=completed_only, page_token=token
+            )
+            return self._call(self._stub.ListProfiles, request)
+
+        found = []
+        for profile in self._all_pages(fetch, "profiles"):
+            found.append(profile)
+            if limit and len(found) >= limit:
+                break
+        return found
+
+    def latest(self, model_name: str, model_version: int) -> profiler_pb2.Profile | None:
+        """The newest completed profile of a version, if any."""
+        found = self.list(model_name, model_version, completed_only=True, limit=1)
+        return found[0] if found else None
 
 
 class DriftClient(_ServiceClient):

@@ -32,6 +32,7 @@ from services.common import natsserver
 SERVICES: dict[str, tuple[str, int, str]] = {
     "registry": ("services.registry", 50051, "mlmesh.v1.RegistryService"),
     "builder": ("services.builder", 50052, "mlmesh.v1.BuilderService"),
+    "profiler": ("services.profiler", 50053, "mlmesh.v1.ProfilerService"),
     "deployer": ("services.deployer", 50054, "mlmesh.v1.DeployerService"),
     "collector": ("services.collector", 50055, "mlmesh.v1.CollectorService"),
     "drift": ("services.drift", 50056, "mlmesh.v1.DriftService"),
@@ -39,7 +40,12 @@ SERVICES: dict[str, tuple[str, int, str]] = {
 # Settings through which a service finds another it calls: variable -> the service it names.
 DEPENDENCIES: dict[str, dict[str, str]] = {
     "builder": {"MLMESH_BUILDER_REGISTRY_ADDRESS": "registry"},
-    "deployer": {"MLMESH_DEPLOYER_REGISTRY_ADDRESS": "registry", "MLMESH_DEPLOYER_BUILDER_ADDRESS": "builder"},
+    "profiler": {"MLMESH_PROFILER_REGISTRY_ADDRESS": "registry", "MLMESH_PROFILER_BUILDER_ADDRESS": "builder"},
+    "deployer": {
+        "MLMESH_DEPLOYER_REGISTRY_ADDRESS": "registry",
+        "MLMESH_DEPLOYER_BUILDER_ADDRESS": "builder",
+        "MLMESH_DEPLOYER_PROFILER_ADDRESS": "profiler",
+    },
     "collector": {"MLMESH_COLLECTOR_REGISTRY_ADDRESS": "registry"},
     "drift": {
         "MLMESH_DRIFT_REGISTRY_ADDRESS": "registry",

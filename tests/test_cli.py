@@ -60,10 +60,11 @@ def json_of(result) -> object:
 def test_up_detach_status_refuses_a_second_up_and_down_stops_everything(tmp_path: Path) -> None:
     home = tmp_path / "mesh"
     port, deployer_port, collector_port = natsserver.free_port(), natsserver.free_port(), natsserver.free_port()
-    builder_port, drift_port = natsserver.free_port(), natsserver.free_port()
+    builder_port, drift_port, profiler_port = natsserver.free_port(), natsserver.free_port(), natsserver.free_port()
     ports = {
         "MLMESH_REGISTRY_PORT": str(port),
         "MLMESH_BUILDER_PORT": str(builder_port),
+        "MLMESH_PROFILER_PORT": str(profiler_port),
         "MLMESH_DEPLOYER_PORT": str(deployer_port),
         "MLMESH_COLLECTOR_PORT": str(collector_port),
         "MLMESH_DRIFT_PORT": str(drift_port),
@@ -93,6 +94,11 @@ def test_up_detach_status_refuses_a_second_up_and_down_stops_everything(tmp_path
             "status": "SERVING",
         }
         assert status["services"]["builder"]["status"] == "SERVING"
+        assert status["services"]["profiler"] == {
+            "address": f"127.0.0.1:{profiler_port}",
+            "pid": state.services["profiler"].pid,
+            "status": "SERVING",
+        }
         assert status["nats_url"] == state.nats_url
 
         again = runner.invoke(app, ["up", "--detach"], env=settings)
@@ -105,6 +111,7 @@ def test_up_detach_status_refuses_a_second_up_and_down_stops_everything(tmp_path
         assert not is_alive(state.services["deployer"].pid, "services.deployer")
         assert not is_alive(state.services["collector"].pid, "services.collector")
         assert not is_alive(state.services["drift"].pid, "services.drift")
+        assert not is_alive(state.services["profiler"].pid, "services.profiler")
         assert not is_alive(state.nats_pid, "nats-server")
         assert read_state(home) is None
         after = json.loads(runner.invoke(app, ["status", "--json"], env=settings).stdout)
@@ -273,7 +280,7 @@ def test_deploy_commands_create_show_shift_log_and_delete(deployer_cli, registry
     assert created["traffic"] == {"blue": 100}
     (blue,) = created["deployments"]
     assert (blue["name"], blue["model"], blue["version"], blue["status"]) == ("blue", "adder", int(ref[6:]), "READY")
-    assert blue["resources"] == {"cpus": 0, "memory_mb": 0}
+    assert blue["resources"] == {"cpus": 0, "memory_mb": 0, "max_batch_rows": 0, "profile": ""}
 
     green = json_of(deployer_cli("deploy", "create", "cli-ep", ref, "--deployment", "green", "--cpus", "1", "--json"))
     assert green["traffic"] == {"blue": 100, "green": 0}

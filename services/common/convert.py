@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def timestamp(seconds: float | None) -> Timestamp:
@@ -37,3 +45,20 @@ ONNX_TO_OIP = {
     13: "UINT64",
     16: "BF16",
 }
+
+
+def read_table_file(path: Path) -> pa.Table:
+    """A CSV or Parquet file as a table (by its suffix; other files are refused)."""
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet as pq
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pyarrow.csv.read_csv(path)
+        if suffix in (".parquet", ".pq"):
+            return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InvalidArgument(f"{path.name} cannot be read as {suffix[1:]}: {error}", field="path") from None
+    raise InvalidArgument(f"{path.name}: give a .csv or .parquet file", field="path")

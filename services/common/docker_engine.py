@@ -1,7 +1,7 @@
 """The Docker engine as mlmesh's services use it: a client that turns an absent engine into
 UNAVAILABLE with what to do, and image references checked the way Docker reads them.
 
-The builder builds images through it; the deployer runs them.
+The builder builds images through it; the deployer and the profiler run them.
 """
 
 from __future__ import annotations
@@ -15,13 +15,19 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from services.common.errors import Unavailable
+from services.common.errors import FailedPrecondition, Unavailable
+from services.common.natsserver import free_port
 
 # An image reference as Docker takes it: [host[:port]/]path[:tag], path components lowercase.
 PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 REGISTRY_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]+)?"
 REPOSITORY = re.compile(rf"(?:{REGISTRY_HOST}/)?{PATH_COMPONENT}(?:/{PATH_COMPONENT})*")
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+# Where the builder's images serve (services.builder.images sets these in the image).
+CONTAINER_GRPC_PORT = 8001
+CONTAINER_HTTP_PORT = 8000
+HOST_ALIAS = "host.docker.internal"
+"""The name containers reach the engine's host by."""
 _API_VERSIONS: dict[str, str] = {}
 """The API version each engine (by address) answered with."""
 
@@ -67,3 +73,63 @@ def split_tag(reference: str) -> tuple[str, str]:
         repository, _, tag = reference.rpartition(":")
         return repository, tag
     return reference, "latest"
+
+
+class ContainerError(FailedPrecondition):
+    """The engine refused to create or start a container (no such image, bad limits)."""
+
+    reason = "CONTAINER_FAILED"
+
+
+def start_runtime_container(
+    docker_url: str | None,
+    image: str,
+    name: str,
+    environment: dict[str, str],
+    labels: dict[str, str],
+    cpus: float,
+    memory_mb: int,
+) -> tuple[str, int, int]:
+    """Create and start a container of a runtime image with its gRPC and REST ports published on
+    free ports of 127.0.0.1, `cpus` as its CPU quota and `memory_mb` as its memory limit (0: none);
+    (container id, gRPC port, REST port)."""
+    grpc_port, http_port = free_port(), free_port()
+    with engine(docker_url, timeout=120) as client:
+        limits: dict[str, Any] = {}
+        if cpus:
+            limits["nano_cpus"] = int(cpus * 1e9)
+        if memory_mb:
+            # No swap beyond the limit: a runtime that needs more memory is killed and reported.
+            limits["mem_limit"] = limits["memswap_limit"] = f"{memory_mb}m"
+        host_config = client.create_host_config(
+            port_bindings={
+                CONTAINER_GRPC_PORT: ("127.0.0.1", grpc_port),
+                CONTAINER_HTTP_PORT: ("127.0.0.1", http_port),
+            },
+            extra_hosts={HOST_ALIAS: "host-gateway"},
+            init=True,
+            **limits,
+        )
+        try:
+            container = client.create_container(
+                image,
+                name=name,
+                environment=environment,
+                labels=labels,
+                ports=[CONTAINER_GRPC_PORT, CONTAINER_HTTP_PORT],
+                host_config=host_config,
+            )
+        except docker.errors.ImageNotFound:
+            raise ContainerError(
+                f"image {image} is not on the Docker engine: build it (mlmesh build image) or pull it"
+            ) from None
+        except docker.errors.APIError as error:
+            raise ContainerError(f"the Docker engine refused the container: {error.explanation or error}") from None
+        instance = container["Id"]
+        try:
+            client.start(instance)
+        except docker.errors.APIError as error:
+            with contextlib.suppress(docker.errors.APIError):
+                client.remove_container(instance, force=True)
+            raise ContainerError(f"the container did not start: {error.explanation or error}") from None
+    return instance, grpc_port, http_port

@@ -291,6 +291,31 @@ class BatchFailed(BatchEvent):
     reason: str
 
 
+class ProfileEvent(EventPayload):
+    """What every profile.* event says: the profile, the model version, where it ran."""
+
+    profile_id: str
+    model_name: str
+    model_version: int
+    target: str
+    slo_p99_ms: float
+    seconds: float
+
+
+class ProfileCompleted(ProfileEvent):
+    kind: ClassVar[str] = "profile.completed"
+    met: bool
+    """Whether some size met the SLO."""
+    recommendation: dict[str, Any]
+    """cpus, memory_mb, replicas, threads, max_batch_rows, explanation."""
+
+
+class ProfileFailed(ProfileEvent):
+    kind: ClassVar[str] = "profile.failed"
+    reason: str
+    """Starts with `crash:`, `timeout:` or `errors:`."""
+
+
 class DriftEvent(EventPayload):
     """What drift.* events say; the counterparts of Azure's DatasetDriftDetected fields are noted."""
 

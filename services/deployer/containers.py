@@ -23,23 +23,12 @@ from typing import Any
 import docker.errors
 
 from services.common import docker_engine
-from services.common.errors import FailedPrecondition, MlmeshError
-from services.common.natsserver import free_port
+from services.common.errors import MlmeshError
 from services.deployer.local import ReplicaLaunch, Started, last_lines
-from services.deployer.settings import HOST_ALIAS
 
-# Where the builder's images serve (services.builder.images sets these in the image).
-CONTAINER_GRPC_PORT = 8001
-CONTAINER_HTTP_PORT = 8000
 LABEL_PREFIX = "io.mlmesh.deployer"
 STOP_TIMEOUT_SECONDS = 10
 KEPT_LOG_LINES = 2000
-
-
-class ContainerError(FailedPrecondition):
-    """The engine refused to create or start a replica's container (no such image, bad limits)."""
-
-    reason = "CONTAINER_FAILED"
 
 
 class DockerContainers:
@@ -68,6 +57,7 @@ class DockerContainers:
             "MLMESH_LOG_LEVEL": self.log_level,
             "MLMESH_RUNTIME_SERVED_NAME": launch.endpoint,
             "MLMESH_RUNTIME_INTRA_OP_THREADS": str(threads),
+            "MLMESH_RUNTIME_MAX_BATCH_ROWS": str(launch.max_batch_rows),
             "MLMESH_RUNTIME_CAPTURE": "true" if launch.capture and self.nats_url else "false",
             "MLMESH_RUNTIME_ENDPOINT": launch.endpoint,
             "MLMESH_RUNTIME_DEPLOYMENT": launch.deployment,
@@ -77,7 +67,6 @@ class DockerContainers:
         return environment
 
     def start_replica(self, launch: ReplicaLaunch) -> Started:
-        grpc_port, http_port = free_port(), free_port()
         name = f"mlmesh-{launch.name}-{uuid.uuid4().hex[:8]}"
         labels = {
             f"{LABEL_PREFIX}.mesh": self.mesh,
@@ -86,44 +75,9 @@ class DockerContainers:
             f"{LABEL_PREFIX}.replica": str(launch.index),
             f"{LABEL_PREFIX}.model": launch.model,
         }
-        with docker_engine.engine(self.docker_url, timeout=120) as engine:
-            limits: dict[str, Any] = {}
-            if launch.cpus:
-                limits["nano_cpus"] = int(launch.cpus * 1e9)
-            if launch.memory_mb:
-                # No swap beyond the limit: a replica that needs more memory is killed and reported.
-                limits["mem_limit"] = limits["memswap_limit"] = f"{launch.memory_mb}m"
-            host_config = engine.create_host_config(
-                port_bindings={
-                    CONTAINER_GRPC_PORT: ("127.0.0.1", grpc_port),
-                    CONTAINER_HTTP_PORT: ("127.0.0.1", http_port),
-                },
-                extra_hosts={HOST_ALIAS: "host-gateway"},
-                init=True,
-                **limits,
-            )
-            try:
-                container = engine.create_container(
-                    launch.image,
-                    name=name,
-                    environment=self.environment(launch),
-                    labels=labels,
-                    ports=[CONTAINER_GRPC_PORT, CONTAINER_HTTP_PORT],
-                    host_config=host_config,
-                )
-            except docker.errors.ImageNotFound:
-                raise ContainerError(
-                    f"image {launch.image} is not on the Docker engine: build it (mlmesh build image) or pull it"
-                ) from None
-            except docker.errors.APIError as error:
-                raise ContainerError(f"the Docker engine refused the container: {error.explanation or error}") from None
-            instance = container["Id"]
-            try:
-                engine.start(instance)
-            except docker.errors.APIError as error:
-                with contextlib.suppress(docker.errors.APIError):
-                    engine.remove_container(instance, force=True)
-                raise ContainerError(f"the container did not start: {error.explanation or error}") from None
+        instance, grpc_port, http_port = docker_engine.start_runtime_container(
+            self.docker_url, launch.image, name, self.environment(launch), labels, launch.cpus, launch.memory_mb
+        )
         return Started(instance, grpc_port, http_port)
 
     def _state(self, instance: str) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,6 +79,27 @@ class DeploymentSpec:
     capture: bool = False
     image: str = ""
     """docker target: an image that serves the model (empty: the builder builds one)."""
+    max_batch_rows: int = 0
+    recommended_resources: bool = False
+    """Take the resources from the version's newest profile (replicas too when `replicas` is 0)."""
+    profile: str = ""
+
+
+@dataclass(frozen=True)
+class Recommended:
+    """A profile's recommendation, as the deployer applies it."""
+
+    profile: str
+    cpus: float
+    memory_mb: int
+    replicas: int
+    max_batch_rows: int
+
+
+class Recommendations(Protocol):
+    """Where recommended resources come from (the profiler)."""
+
+    def latest(self, model_name: str, model_version: int, target: str) -> Recommended: ...
 
 
 @dataclass(frozen=True)
@@ -175,6 +196,8 @@ class DeploymentView:
     target: str
     cpus: float
     memory_mb: int
+    max_batch_rows: int
+    profile: str
     replicas: int
     traffic: int
     mirror: int
@@ -232,7 +255,13 @@ def check_spec(spec: DeploymentSpec) -> None:
             f"image {spec.image[:100]!r} is not a Docker image reference ([host[:port]/]path[:tag], lowercase path)",
             field="image",
         )
-    if not 1 <= spec.replicas <= MAX_REPLICAS:
+    if spec.recommended_resources and (spec.cpus or spec.memory_mb or spec.max_batch_rows):
+        raise InvalidArgument(
+            "give either recommended resources or cpus and memory, not both", field="recommended_resources"
+        )
+    if spec.recommended_resources and spec.replicas == 0:
+        pass  # the recommendation says how many
+    elif not 1 <= spec.replicas <= MAX_REPLICAS:
         raise InvalidArgument(f"replicas must be between 1 and {MAX_REPLICAS}, not {spec.replicas}", field="replicas")
     if not 0 <= spec.cpus <= MAX_CPUS or spec.cpus != spec.cpus:
         raise InvalidArgument(f"cpus must be between 0 (no limit) and {MAX_CPUS}", field="resources.cpus")
@@ -301,10 +330,12 @@ class Deployer:
         *,
         max_restarts: int = 5,
         restart_window_seconds: float = 600,
+        recommendations: Recommendations | None = None,
     ) -> None:
         self.database = database
         self.outbox = outbox
         self.registry = registry
+        self.recommendations = recommendations
         self.free_port = free_port
         self.max_restarts = max_restarts
         self.restart_window_seconds = restart_window_seconds
@@ -330,10 +361,29 @@ class Deployer:
                     "convert it first (mlmesh build convert)",
                     field="model_ref",
                 )
+            if spec.recommended_resources:
+                spec = self._recommended(spec, version.name, version.version)
             return self._add_deployment(spec, version.name, version.version)
         except BaseException:
             self.registry.release_usage(f"{version.name}:{version.version}", usage_id(spec.endpoint, spec.deployment))
             raise
+
+    def _recommended(self, spec: DeploymentSpec, model_name: str, model_version: int) -> DeploymentSpec:
+        """The spec with the resources of the version's newest profile on its target."""
+        if self.recommendations is None:
+            raise FailedPrecondition("this deployer has no profiler configured (MLMESH_DEPLOYER_PROFILER_ADDRESS)")
+        found = self.recommendations.latest(model_name, model_version, spec.target)
+        sized = replace(
+            spec,
+            cpus=found.cpus,
+            memory_mb=found.memory_mb,
+            max_batch_rows=found.max_batch_rows,
+            replicas=spec.replicas or found.replicas,
+            profile=found.profile,
+            recommended_resources=False,
+        )
+        check_spec(sized)
+        return sized
 
     def _add_deployment(self, spec: DeploymentSpec, model_name: str, model_version: int) -> DeploymentView:
         now = time.time()
@@ -373,6 +423,8 @@ class Deployer:
                 target=spec.target,
                 cpus=spec.cpus,
                 memory_mb=spec.memory_mb,
+                max_batch_rows=spec.max_batch_rows,
+                profile=spec.profile,
                 replicas=spec.replicas,
                 traffic=traffic,
                 capture=spec.capture,

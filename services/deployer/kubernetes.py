@@ -105,6 +105,7 @@ class KubernetesDeployment:
     capture: bool = False
     namespace: str = "default"
     intra_op_threads: int | None = None
+    max_batch_rows: int = 0
     startup_timeout_seconds: int = 300
 
     def __post_init__(self) -> None:
@@ -208,6 +209,7 @@ def runtime_environment(spec: KubernetesDeployment) -> dict[str, str]:
         "MLMESH_RUNTIME_HTTP_PORT": str(HTTP_PORT),
         "MLMESH_RUNTIME_REGISTRY_ADDRESS": spec.registry_address,
         "MLMESH_RUNTIME_INTRA_OP_THREADS": str(spec.intra_op_threads),
+        "MLMESH_RUNTIME_MAX_BATCH_ROWS": str(spec.max_batch_rows),
         # The runtime refuses to start capturing without NATS; the local target drops it the same way.
         "MLMESH_RUNTIME_CAPTURE": "true" if spec.capture and spec.nats_url else "false",
         "MLMESH_RUNTIME_ENDPOINT": spec.endpoint,

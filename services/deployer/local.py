@@ -35,6 +35,7 @@ class ReplicaLaunch:
     memory_mb: int = 0
     image: str = ""
     """docker target: the image that serves `model`."""
+    max_batch_rows: int = 0
 
     @property
     def name(self) -> str:
@@ -125,6 +126,7 @@ class LocalProcesses:
             "MLMESH_RUNTIME_SERVED_NAME": launch.endpoint,
             "MLMESH_RUNTIME_REGISTRY_ADDRESS": self.registry_address,
             "MLMESH_RUNTIME_INTRA_OP_THREADS": str(threads),
+            "MLMESH_RUNTIME_MAX_BATCH_ROWS": str(launch.max_batch_rows),
             "MLMESH_RUNTIME_CAPTURE": "true" if launch.capture and self.nats_url else "false",
             "MLMESH_RUNTIME_ENDPOINT": launch.endpoint,
             "MLMESH_RUNTIME_DEPLOYMENT": launch.deployment,

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from services._proto.mlmesh.v1 import deployer_pb2, deployer_pb2_grpc
-from services.client import BuilderClient, RegistryClient
+from services.client import BuilderClient, ProfilerClient, RegistryClient
 from services.common.db import Database
+from services.common.errors import FailedPrecondition
 from services.common.natsserver import free_port
 from services.common.outbox import Outbox
 from services.common.remote import RemoteCalls
 from services.common.server import ServiceRuntime, run_service, service_runtime
 from services.deployer.batch import BatchRunner
 from services.deployer.containers import DockerContainers
-from services.deployer.domain import Deployer
+from services.deployer.domain import Deployer, Recommended
 from services.deployer.local import LocalProcesses
 from services.deployer.models import TABLES, create_tables
 from services.deployer.reconciler import Reconciler
@@ -19,6 +20,37 @@ from services.deployer.servicer import DeployerServicer
 from services.deployer.settings import DeployerSettings
 
 SERVICE_NAME = deployer_pb2.DESCRIPTOR.services_by_name["DeployerService"].full_name
+
+
+class ProfiledResources:
+    """Recommended resources: the newest completed profile of a version on a target, from the profiler."""
+
+    def __init__(self, profiler: RemoteCalls) -> None:
+        self.profiler = profiler
+
+    def latest(self, model_name: str, model_version: int, target: str) -> Recommended:
+        for profile in self.profiler.list(model_name, model_version, completed_only=True):
+            if profile.target != target:
+                continue
+            recommendation = profile.recommendation
+            if not recommendation.met:
+                raise FailedPrecondition(
+                    f"the newest {target} profile of {model_name}:{model_version} ({profile.id}) found no size that "
+                    f"meets its SLO: {recommendation.explanation}",
+                    field="recommended_resources",
+                )
+            return Recommended(
+                profile=profile.name,
+                cpus=recommendation.cpus,
+                memory_mb=recommendation.memory_mb,
+                replicas=recommendation.replicas,
+                max_batch_rows=recommendation.max_batch_rows,
+            )
+        raise FailedPrecondition(
+            f"{model_name}:{model_version} has no completed {target} profile to take resources from; run "
+            f"`mlmesh profile {model_name}:{model_version} --target {target}` first",
+            field="recommended_resources",
+        )
 
 
 def build(settings: DeployerSettings) -> ServiceRuntime:
@@ -36,6 +68,9 @@ def build(settings: DeployerSettings) -> ServiceRuntime:
         free_port,
         max_restarts=settings.max_restarts,
         restart_window_seconds=settings.restart_window_seconds,
+        recommendations=ProfiledResources(
+            RemoteCalls(ProfilerClient(settings.profiler_address, actor="deployer", timeout=30), "profiler")
+        ),
     )
     processes = LocalProcesses(
         settings.home, settings.registry_address, settings.nats_url, settings.log_level, settings.endpoint_host

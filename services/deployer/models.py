@@ -37,6 +37,10 @@ class DeploymentRow(SQLModel, table=True):
     target: str
     cpus: float = 0
     memory_mb: int = 0
+    max_batch_rows: int = 0
+    """Adaptive batching of the replicas' runtime (0: off)."""
+    profile: str = ""
+    """`profiles/<id>` whose recommendation set the resources, if one did."""
     replicas: int = 1
     traffic: int = 0
     mirror: int = 0

@@ -68,7 +68,15 @@ def launch_of(row: DeploymentRow, replica: ReplicaRow) -> local.ReplicaLaunch:
     """What one replica of a deployment runs, as its target's runner takes it."""
     model = f"{row.model_name}:{row.model_version}"
     return local.ReplicaLaunch(
-        row.endpoint, row.name, replica.index, model, row.cpus, row.capture, row.memory_mb, row.image
+        row.endpoint,
+        row.name,
+        replica.index,
+        model,
+        row.cpus,
+        row.capture,
+        row.memory_mb,
+        row.image,
+        row.max_batch_rows,
     )
 
 
@@ -188,6 +196,7 @@ class Reconciler:
             cpus=row.cpus or 1.0,
             memory_mb=row.memory_mb or 1024,
             replicas=row.replicas,
+            max_batch_rows=row.max_batch_rows,
             nats_url=cluster.cluster_nats_url or cluster.nats_url,
             capture=row.capture,
             namespace=cluster.kubernetes_namespace,

@@ -41,7 +41,9 @@ def spec_from_proto(request: deployer_pb2.CreateDeploymentRequest) -> domain.Dep
         target=request.target or "local",
         cpus=request.resources.cpus,
         memory_mb=request.resources.memory_mb,
-        replicas=request.replicas or 1,
+        max_batch_rows=request.resources.max_batch_rows,
+        replicas=request.replicas or (0 if request.recommended_resources else 1),
+        recommended_resources=request.recommended_resources,
         traffic=request.traffic if request.HasField("traffic") else None,
         capture=request.capture,
         image=request.image,
@@ -56,7 +58,9 @@ def deployment_to_proto(view: domain.DeploymentView) -> deployer_pb2.Deployment:
         model_name=view.model_name,
         model_version=view.model_version,
         target=view.target,
-        resources=deployer_pb2.Resources(cpus=view.cpus, memory_mb=view.memory_mb),
+        resources=deployer_pb2.Resources(
+            cpus=view.cpus, memory_mb=view.memory_mb, max_batch_rows=view.max_batch_rows, profile=view.profile
+        ),
         replicas=view.replicas,
         status=_DEPLOYMENT_STATUS[view.status],
         message=view.message,

@@ -9,9 +9,9 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.common.docker_engine import HOST_ALIAS
 from services.common.settings import ServiceSettings
 
-HOST_ALIAS = "host.docker.internal"
 """How a container names the engine's host (the deployer starts containers with it)."""
 
 
@@ -29,6 +29,9 @@ class DeployerSettings(ServiceSettings):
 
     builder_address: str = "127.0.0.1:50052"
     """host:port of the builder: it builds the images of `docker` deployments given no image."""
+
+    profiler_address: str = "127.0.0.1:50053"
+    """host:port of the profiler: recommended resources (`--resources recommended`) come from it."""
 
     docker_url: str = ""
     """The Docker engine of `docker` deployments (unix:///var/run/docker.sock, tcp://host:2375);

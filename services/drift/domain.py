@@ -16,14 +16,12 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv
-import pyarrow.parquet as pq
 from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
@@ -282,19 +280,6 @@ def compare_tables(
     summaries = summarize_table(reference, pairs)
     window = {captured: column_values(current, captured) for captured in pairs}
     return statistics.check(summaries, window, thresholds)
-
-
-def read_table_file(path: Path) -> pa.Table:
-    """A CSV or Parquet file as a table (by its suffix; other files are refused)."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            return pyarrow.csv.read_csv(path)
-        if suffix in (".parquet", ".pq"):
-            return pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as error:
-        raise InvalidArgument(f"{path.name} cannot be read as {suffix[1:]}: {error}", field="path") from None
-    raise InvalidArgument(f"{path.name}: give a .csv or .parquet file", field="path")
 
 
 class DriftMonitors:

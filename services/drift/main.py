@@ -13,12 +13,13 @@ import pyarrow as pa
 
 from services._proto.mlmesh.v1 import drift_pb2, drift_pb2_grpc
 from services.client import CollectorClient, DeployerClient, RegistryClient
+from services.common.convert import read_table_file
 from services.common.db import Database
 from services.common.errors import InvalidArgument, MlmeshError, NotFound
 from services.common.outbox import Outbox
 from services.common.remote import RemoteCalls
 from services.common.server import ServiceRuntime, run_service, service_runtime
-from services.drift.domain import DriftMonitors, read_table_file
+from services.drift.domain import DriftMonitors
 from services.drift.models import TABLES, create_tables
 from services.drift.servicer import DriftServicer
 from services.drift.settings import DriftSettings

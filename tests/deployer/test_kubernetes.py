@@ -146,6 +146,7 @@ def test_config_map_holds_the_runtime_settings() -> None:
         "MLMESH_RUNTIME_HTTP_PORT": "8000",
         "MLMESH_RUNTIME_REGISTRY_ADDRESS": "mlmesh-registry:50051",
         "MLMESH_RUNTIME_INTRA_OP_THREADS": "2",
+        "MLMESH_RUNTIME_MAX_BATCH_ROWS": "0",
         "MLMESH_RUNTIME_CAPTURE": "true",
         "MLMESH_RUNTIME_ENDPOINT": "fraud-api",
         "MLMESH_RUNTIME_DEPLOYMENT": "blue",

@@ -101,19 +101,27 @@ class Resources(_message.Message):
 
     CPUS_FIELD_NUMBER: _builtins.int
     MEMORY_MB_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_ROWS_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
     cpus: _builtins.float
     """CPU cores (fractions allowed); 0 means no limit."""
     memory_mb: _builtins.int
     """Memory in MiB; 0 means no limit."""
+    max_batch_rows: _builtins.int
+    """Adaptive batching of each replica's runtime: most rows merged into one call; 0: off."""
+    profile: _builtins.str
+    """`profiles/<id>` when these resources are a profile's recommendation."""
     def __init__(
         self,
         *,
         cpus: _builtins.float = ...,
         memory_mb: _builtins.int = ...,
+        max_batch_rows: _builtins.int = ...,
+        profile: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "memory_mb", b"memory_mb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "max_batch_rows", b"max_batch_rows", "memory_mb", b"memory_mb", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -328,6 +336,7 @@ class CreateDeploymentRequest(_message.Message):
     TRAFFIC_FIELD_NUMBER: _builtins.int
     CAPTURE_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
+    RECOMMENDED_RESOURCES_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
     """Endpoint and deployment names: 1-40 lowercase letters, digits and '-', starting with a letter."""
     deployment: _builtins.str
@@ -348,6 +357,11 @@ class CreateDeploymentRequest(_message.Message):
     """docker target: an image that serves the model (as `mlmesh build image` makes them); empty:
     the deployer has the builder build one.
     """
+    recommended_resources: _builtins.bool
+    """Take cpus, memory, batching and (unless given) replicas from the newest completed profile of
+    the resolved version on this target that met its SLO (`mlmesh profile`); `resources` must
+    then be empty.
+    """
     @_builtins.property
     def resources(self) -> Global___Resources: ...
     def __init__(
@@ -362,10 +376,11 @@ class CreateDeploymentRequest(_message.Message):
         traffic: _builtins.int | None = ...,
         capture: _builtins.bool = ...,
         image: _builtins.str = ...,
+        recommended_resources: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_traffic", b"_traffic", "resources", b"resources", "traffic", b"traffic"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_traffic", b"_traffic", "capture", b"capture", "deployment", b"deployment", "endpoint", b"endpoint", "image", b"image", "model_ref", b"model_ref", "replicas", b"replicas", "resources", b"resources", "target", b"target", "traffic", b"traffic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_traffic", b"_traffic", "capture", b"capture", "deployment", b"deployment", "endpoint", b"endpoint", "image", b"image", "model_ref", b"model_ref", "recommended_resources", b"recommended_resources", "replicas", b"replicas", "resources", b"resources", "target", b"target", "traffic", b"traffic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__traffic: _TypeAlias = _typing.Literal["traffic"]  # noqa: Y015
     _WhichOneofArgType__traffic: _TypeAlias = _typing.Literal["_traffic", b"_traffic"]  # noqa: Y015
