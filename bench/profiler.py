@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from registry import NatsProcess, Profiler, RegistryProcess, code_version, grpc_body
+from registry import NatsProcess, Profiler, RegistryProcess, code_version, grpc_body, start_service_process
 from serving import (
     H2LOAD,
     MODEL_NAME,
@@ -54,8 +54,6 @@ from serving import (
 )
 
 from services.client import ProfilerClient, RegistryClient
-from services.common import natsserver
-from services.launcher import health_status, spawn_module
 
 AGREEMENT_CONCURRENCY = 16
 STEP_SECONDS = 1.5
@@ -64,23 +62,12 @@ log = logging.getLogger("bench.profiler")
 
 
 def start_profiler(home: Path, registry_address: str, nats_url: str) -> tuple[Any, str]:
-    port = natsserver.free_port()
-    environment = {
-        **{key: value for key, value in os.environ.items() if not key.startswith("MLMESH_")},
-        "MLMESH_HOME": str(home),
+    settings = {
         "MLMESH_NATS_URL": nats_url,
-        "MLMESH_PROFILER_PORT": str(port),
         "MLMESH_PROFILER_REGISTRY_ADDRESS": registry_address,
         "MLMESH_PROFILER_LOAD_GENERATOR": "h2load",
     }
-    process = spawn_module("services.profiler", environment, home / "profiler.log")
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while health_status(address, "mlmesh.v1.ProfilerService", 1) != "SERVING":
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the profiler did not start: {(home / 'profiler.log').read_text()[-3000:]}")
-        time.sleep(0.1)
-    return process, address
+    return start_service_process("services.profiler", home, settings, "mlmesh.v1.ProfilerService")
 
 
 def profile_summary(profile: Any) -> dict[str, Any]:

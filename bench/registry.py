@@ -1477,6 +1477,34 @@ def machine() -> dict[str, Any]:
     }
 
 
+def start_service_process(
+    module: str, home: Path, settings: dict[str, str], grpc_service: str, timeout: float = 60
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m module` with MLMESH_HOME=home and `settings` (MLMESH_* variables; its port is
+    MLMESH_<SERVICE>_PORT, chosen here), logging to home/<service>.log; returns once its gRPC health
+    says SERVING, with its address."""
+    from services.launcher import health_status, spawn_module
+
+    service = module.rsplit(".", 1)[-1]
+    port = natsserver.free_port()
+    environment = {
+        **{key: value for key, value in os.environ.items() if not key.startswith("MLMESH_")},
+        "MLMESH_HOME": str(home),
+        f"MLMESH_{service.upper()}_PORT": str(port),
+        **settings,
+    }
+    log_file = home / f"{service}.log"
+    process = spawn_module(module, environment, log_file)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while health_status(address, grpc_service, 1) != "SERVING":
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"{module} did not start: {log_file.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.1)
+    return process, address
+
+
 def code_version() -> dict[str, Any]:
     """The commit measured, and which service files differed from it (others may be editing them)."""
 

@@ -4,3 +4,4 @@ CREATE DATABASE mlmesh_builder;
 CREATE DATABASE mlmesh_collector;
 CREATE DATABASE mlmesh_drift;
 CREATE DATABASE mlmesh_profiler;
+CREATE DATABASE mlmesh_notifier;

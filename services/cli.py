@@ -42,13 +42,14 @@ from rich.progress import (
 from rich.table import Table
 
 from services import launcher
-from services._proto.mlmesh.v1 import builder_pb2, deployer_pb2, drift_pb2, profiler_pb2, registry_pb2
+from services._proto.mlmesh.v1 import builder_pb2, deployer_pb2, drift_pb2, notifier_pb2, profiler_pb2, registry_pb2
 from services.client import (
     BuilderClient,
     CollectorClient,
     DeployerClient,
     DriftClient,
     MeshError,
+    NotifierClient,
     ProfilerClient,
     RegistryClient,
 )
@@ -83,6 +84,9 @@ drift_app = typer.Typer(
 )
 monitor_app = typer.Typer(help="Create, list, show and delete drift monitors.")
 profiles_app = typer.Typer(help="List and show stored profiles (`mlmesh profile REF` makes one).")
+webhooks_app = typer.Typer(
+    help="Send lifecycle events to your HTTP endpoints, signed as Standard Webhooks say; see each delivery."
+)
 captures_app = typer.Typer(
     help="What endpoints received and answered: query, statistics, export as a dataset, labels, retention."
 )
@@ -100,6 +104,7 @@ app.add_typer(drift_app, name="drift", no_args_is_help=True)
 drift_app.add_typer(monitor_app, name="monitor", no_args_is_help=True)
 app.add_typer(captures_app, name="captures", no_args_is_help=True)
 app.add_typer(profiles_app, name="profiles", no_args_is_help=True)
+app.add_typer(webhooks_app, name="webhooks", no_args_is_help=True)
 
 
 class CliSettings(MeshSettings):
@@ -116,6 +121,9 @@ class CliSettings(MeshSettings):
 
     profiler_address: str = ""
     """host:port of the profiler (MLMESH_PROFILER_ADDRESS); empty means the running local mesh."""
+
+    notifier_address: str = ""
+    """host:port of the notifier (MLMESH_NOTIFIER_ADDRESS); empty means the running local mesh."""
 
     drift_address: str = ""
     """host:port of the drift service (MLMESH_DRIFT_ADDRESS); empty means the running local mesh."""
@@ -192,6 +200,10 @@ def builder(address: str | None) -> contextlib.AbstractContextManager[BuilderCli
 
 def profiler(address: str | None) -> contextlib.AbstractContextManager[ProfilerClient]:
     return connected("profiler", ProfilerClient, address)
+
+
+def notifier(address: str | None) -> contextlib.AbstractContextManager[NotifierClient]:
+    return connected("notifier", NotifierClient, address)
 
 
 def drift(address: str | None) -> contextlib.AbstractContextManager[DriftClient]:
@@ -2890,6 +2902,253 @@ def profiles_show(
         print_json(profile_dict(found))
     else:
         show_profile(found)
+
+
+# ---------------------------------------------------------------- webhooks
+
+
+NotifierOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="host:port of the notifier. Default: MLMESH_NOTIFIER_ADDRESS, else the mesh that `mlmesh up` "
+        "started in MLMESH_HOME, else 127.0.0.1:MLMESH_NOTIFIER_PORT (50057).",
+        show_default=False,
+    ),
+]
+DELIVERY_STATUSES = {
+    "pending": notifier_pb2.DELIVERY_STATUS_PENDING,
+    "delivered": notifier_pb2.DELIVERY_STATUS_DELIVERED,
+    "failed": notifier_pb2.DELIVERY_STATUS_FAILED,
+}
+
+
+def webhook_dict(webhook: notifier_pb2.Webhook) -> dict[str, Any]:
+    return to_dict(webhook)
+
+
+def delivery_dict(delivery: notifier_pb2.Delivery) -> dict[str, Any]:
+    value = to_dict(delivery)
+    value["status"] = notifier_pb2.DeliveryStatus.Name(delivery.status).removeprefix("DELIVERY_STATUS_").lower()
+    return value
+
+
+def show_webhook(webhook: notifier_pb2.Webhook) -> None:
+    state = "[green]enabled[/green]" if webhook.enabled else f"[red]disabled[/red]: {escape(webhook.disabled_reason)}"
+    console.print(f"[bold]{webhook.id}[/bold]  {escape(webhook.url)}  {state}")
+    console.print(f"  events: {escape(', '.join(webhook.events))}")
+    if webhook.description:
+        console.print(f"  {escape(webhook.description)}")
+
+
+def split_patterns(text: str) -> list[str]:
+    return [pattern.strip() for pattern in text.split(",") if pattern.strip()]
+
+
+@webhooks_app.command("add")
+def webhooks_add(
+    url: Annotated[str, typer.Argument(help="Where to POST events (http:// or https://).")],
+    events: Annotated[
+        str,
+        typer.Option("--events", help="Event kinds to send, comma-separated patterns: model.*,deployment.ready or *."),
+    ],
+    description: Annotated[str, typer.Option("--description", help="What the endpoint is for.")] = "",
+    address: NotifierOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Add a webhook endpoint; prints its id and its signing secret (whsec_...), shown this once."""
+    with notifier(address) as client:
+        created = client.create(url, split_patterns(events), description)
+    if as_json:
+        print_json({"id": created.webhook.id, "secret": created.secret, "webhook": webhook_dict(created.webhook)})
+        return
+    show_webhook(created.webhook)
+    console.print(f"secret: [bold]{created.secret}[/bold]  (shown once: verify signatures with it)")
+
+
+@webhooks_app.command("list")
+def webhooks_list(address: NotifierOption = None, as_json: JsonOption = False) -> None:
+    """List webhook endpoints."""
+    with notifier(address) as client:
+        found = client.list()
+    if as_json:
+        print_json([webhook_dict(webhook) for webhook in found])
+        return
+    table = new_table("id", "url", "events", "state", "created")
+    for webhook in found:
+        state = "enabled" if webhook.enabled else f"disabled: {webhook.disabled_reason}"
+        table.add_row(
+            webhook.id, escape(webhook.url), escape(", ".join(webhook.events)), escape(state), when(webhook.created_at)
+        )
+    console.print(table)
+
+
+@webhooks_app.command("show")
+def webhooks_show(
+    webhook_id: Annotated[str, typer.Argument(help="Webhook id.")],
+    address: NotifierOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one webhook endpoint."""
+    with notifier(address) as client:
+        webhook = client.get(webhook_id)
+    if as_json:
+        print_json(webhook_dict(webhook))
+    else:
+        show_webhook(webhook)
+
+
+@webhooks_app.command("update")
+def webhooks_update(
+    webhook_id: Annotated[str, typer.Argument(help="Webhook id.")],
+    url: Annotated[str | None, typer.Option("--url", help="A new URL.", show_default=False)] = None,
+    events: Annotated[
+        str | None, typer.Option("--events", help="New patterns, comma-separated.", show_default=False)
+    ] = None,
+    description: Annotated[str | None, typer.Option("--description", show_default=False)] = None,
+    enable: Annotated[
+        bool | None,
+        typer.Option("--enable/--disable", help="Enable (after a 410 or failures) or disable.", show_default=False),
+    ] = None,
+    address: NotifierOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Change an endpoint's URL, patterns or description, or enable or disable it."""
+    with notifier(address) as client:
+        webhook = client.update(
+            webhook_id,
+            url=url,
+            events=split_patterns(events) if events is not None else None,
+            description=description,
+            enabled=enable,
+        )
+    if as_json:
+        print_json(webhook_dict(webhook))
+    else:
+        show_webhook(webhook)
+
+
+@webhooks_app.command("rm")
+def webhooks_rm(
+    webhook_id: Annotated[str, typer.Argument(help="Webhook id.")],
+    address: NotifierOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete an endpoint with its deliveries."""
+    with notifier(address) as client:
+        client.delete(webhook_id)
+    if as_json:
+        print_json({"deleted": webhook_id})
+    else:
+        console.print(f"deleted {webhook_id}")
+
+
+@webhooks_app.command("rotate")
+def webhooks_rotate(
+    webhook_id: Annotated[str, typer.Argument(help="Webhook id.")],
+    address: NotifierOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A new signing secret (shown once); the old one keeps signing beside it for a while."""
+    with notifier(address) as client:
+        rotated = client.rotate(webhook_id)
+    if as_json:
+        print_json({"id": webhook_id, "secret": rotated.secret, "webhook": webhook_dict(rotated.webhook)})
+        return
+    console.print(f"secret: [bold]{rotated.secret}[/bold]  (shown once)")
+    console.print(f"the old secret signs too until {when(rotated.webhook.previous_secret_expires_at)}")
+
+
+def attempts_text(delivery: notifier_pb2.Delivery) -> str:
+    return "; ".join(
+        f"{when(attempt.attempted_at)} "
+        + (f"HTTP {attempt.status_code}" if attempt.status_code else escape(attempt.error[:80]))
+        + f" {attempt.latency_ms:.0f} ms"
+        for attempt in delivery.attempt_log[-3:]
+    )
+
+
+@webhooks_app.command("test")
+def webhooks_test(
+    webhook_id: Annotated[str, typer.Argument(help="Webhook id.")],
+    address: NotifierOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Send a webhook.test event to the endpoint now and show how it answered."""
+    with notifier(address) as client:
+        delivery = client.test(webhook_id)
+    if as_json:
+        print_json(delivery_dict(delivery))
+    else:
+        console.print(f"{delivery_dict(delivery)['status']}: {attempts_text(delivery)}")
+    if delivery.status != notifier_pb2.DELIVERY_STATUS_DELIVERED:
+        raise typer.Exit(1)
+
+
+@webhooks_app.command("deliveries")
+def webhooks_deliveries(
+    webhook_id: Annotated[str, typer.Argument(help="Webhook id.")],
+    event: Annotated[str, typer.Option("--event", help="Only this event's deliveries.")] = "",
+    status: Annotated[str, typer.Option("--status", help="pending, delivered or failed.")] = "",
+    limit: Annotated[int, typer.Option(min=0, help="At most this many, newest first (0: all).")] = 50,
+    address: NotifierOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List an endpoint's deliveries, newest first, with their attempts."""
+    if status and status not in DELIVERY_STATUSES:
+        fail(f"--status takes pending, delivered or failed, not {status!r}", 2)
+    with notifier(address) as client:
+        found = client.deliveries(webhook_id, event_id=event, status=DELIVERY_STATUSES.get(status, 0), limit=limit)
+    if as_json:
+        print_json([delivery_dict(delivery) for delivery in found])
+        return
+    table = new_table("event", "kind", "origin", "status", "attempts", "last attempts")
+    for delivery in found:
+        table.add_row(
+            delivery.event_id,
+            delivery.event_kind,
+            delivery.origin,
+            delivery_dict(delivery)["status"],
+            str(delivery.attempts),
+            attempts_text(delivery),
+        )
+    console.print(table)
+
+
+@webhooks_app.command("redeliver")
+def webhooks_redeliver(
+    webhook_id: Annotated[str, typer.Argument(help="Webhook id.")],
+    event_id: Annotated[str, typer.Argument(help="The event to deliver again (same webhook-id).")],
+    address: NotifierOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Deliver one kept event to the endpoint again."""
+    with notifier(address) as client:
+        delivery = client.redeliver(webhook_id, event_id)
+    if as_json:
+        print_json(delivery_dict(delivery))
+    else:
+        console.print(f"queued delivery {delivery.id} of {event_id}")
+
+
+@webhooks_app.command("replay")
+def webhooks_replay(
+    webhook_id: Annotated[str, typer.Argument(help="Webhook id.")],
+    since: Annotated[str, typer.Option("--since", help="From this time (ISO 8601, or 2h for two hours ago).")],
+    until: Annotated[str | None, typer.Option("--until", help="Until this time (default: now).")] = None,
+    address: NotifierOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Deliver again every kept event of a time range that the endpoint's patterns match."""
+    start = parse_time(since, "--since")
+    end = parse_time(until, "--until") or datetime.now(UTC)
+    assert start is not None
+    with notifier(address) as client:
+        queued = client.replay(webhook_id, start, end)
+    if as_json:
+        print_json({"queued": queued})
+    else:
+        console.print(f"queued {queued} event(s) again")
 
 
 if __name__ == "__main__":

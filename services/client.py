@@ -37,6 +37,8 @@ from services._proto.mlmesh.v1 import (
     deployer_pb2_grpc,
     drift_pb2,
     drift_pb2_grpc,
+    notifier_pb2,
+    notifier_pb2_grpc,
     profiler_pb2,
     profiler_pb2_grpc,
     registry_pb2,
@@ -54,6 +56,7 @@ DEFAULT_PROFILER_ADDRESS = "127.0.0.1:50053"
 DEFAULT_DEPLOYER_ADDRESS = "127.0.0.1:50054"
 DEFAULT_COLLECTOR_ADDRESS = "127.0.0.1:50055"
 DEFAULT_DRIFT_ADDRESS = "127.0.0.1:50056"
+DEFAULT_NOTIFIER_ADDRESS = "127.0.0.1:50057"
 ACTOR_METADATA = "x-mlmesh-actor"
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -949,6 +952,93 @@ class ProfilerClient(_ServiceClient):
         """The newest completed profile of a version, if any."""
         found = self.list(model_name, model_version, completed_only=True, limit=1)
         return found[0] if found else None
+
+
+class NotifierClient(_ServiceClient):
+    """A connection to the notifier (mlmesh.v1.NotifierService): webhook endpoints and deliveries.
+
+    Args:
+        address: host:port of the notifier.
+        actor: who is calling; defaults to MLMESH_ACTOR or the login name.
+        timeout: seconds a call may take (a test event waits for the receiver's answer).
+    """
+
+    def __init__(
+        self, address: str = DEFAULT_NOTIFIER_ADDRESS, actor: str | None = None, *, timeout: float = 90.0
+    ) -> None:
+        super().__init__(address, actor, timeout)
+        self._stub = notifier_pb2_grpc.NotifierServiceStub(self._channel)
+
+    def create(self, url: str, events: Iterable[str], description: str = "") -> notifier_pb2.CreateWebhookResponse:
+        """A new endpoint; the response's `secret` (whsec_...) is shown this once."""
+        request = notifier_pb2.CreateWebhookRequest(url=url, events=list(events), description=description)
+        return self._call(self._stub.CreateWebhook, request)
+
+    def get(self, webhook: str) -> notifier_pb2.Webhook:
+        return self._call(self._stub.GetWebhook, notifier_pb2.GetWebhookRequest(name=webhook)).webhook
+
+    def list(self) -> list[notifier_pb2.Webhook]:
+        def fetch(token: str) -> Any:
+            return self._call(self._stub.ListWebhooks, notifier_pb2.ListWebhooksRequest(page_token=token))
+
+        return list(self._all_pages(fetch, "webhooks"))
+
+    def update(
+        self,
+        webhook: str,
+        *,
+        url: str | None = None,
+        events: Iterable[str] | None = None,
+        description: str | None = None,
+        enabled: bool | None = None,
+    ) -> notifier_pb2.Webhook:
+        request = notifier_pb2.UpdateWebhookRequest(
+            name=webhook,
+            url=url,
+            events=list(events or ()),
+            set_events=events is not None,
+            description=description,
+            enabled=enabled,
+        )
+        return self._call(self._stub.UpdateWebhook, request).webhook
+
+    def delete(self, webhook: str) -> None:
+        self._call(self._stub.DeleteWebhook, notifier_pb2.DeleteWebhookRequest(name=webhook))
+
+    def rotate(self, webhook: str) -> notifier_pb2.RotateWebhookSecretResponse:
+        """A new secret (in the response, shown this once); the old one signs too for a while."""
+        return self._call(self._stub.RotateWebhookSecret, notifier_pb2.RotateWebhookSecretRequest(name=webhook))
+
+    def test(self, webhook: str) -> notifier_pb2.Delivery:
+        """Deliver a webhook.test event now; the delivery with its attempt."""
+        return self._call(self._stub.SendTestEvent, notifier_pb2.SendTestEventRequest(name=webhook)).delivery
+
+    def deliveries(
+        self, webhook: str, *, event_id: str = "", status: int = 0, limit: int = 0
+    ) -> list[notifier_pb2.Delivery]:
+        """Deliveries to an endpoint, newest first, with their attempts (at most `limit`, 0: all)."""
+
+        def fetch(token: str) -> Any:
+            request = notifier_pb2.ListDeliveriesRequest(
+                name=webhook, event_id=event_id, status=status, page_token=token
+            )
+            return self._call(self._stub.ListDeliveries, request)
+
+        found = []
+        for delivery in self._all_pages(fetch, "deliveries"):
+            found.append(delivery)
+            if limit and len(found) >= limit:
+                break
+        return found
+
+    def redeliver(self, webhook: str, event_id: str) -> notifier_pb2.Delivery:
+        request = notifier_pb2.RedeliverEventRequest(name=webhook, event_id=event_id)
+        return self._call(self._stub.RedeliverEvent, request).delivery
+
+    def replay(self, webhook: str, start: datetime | float, end: datetime | float) -> int:
+        """Deliver again every kept event of [start, end) matching the endpoint; how many."""
+        request = notifier_pb2.ReplayEventsRequest(name=webhook, start=to_timestamp(start), end=to_timestamp(end))
+        return self._call(self._stub.ReplayEvents, request).queued
 
 
 class DriftClient(_ServiceClient):

@@ -36,6 +36,7 @@ SERVICES: dict[str, tuple[str, int, str]] = {
     "deployer": ("services.deployer", 50054, "mlmesh.v1.DeployerService"),
     "collector": ("services.collector", 50055, "mlmesh.v1.CollectorService"),
     "drift": ("services.drift", 50056, "mlmesh.v1.DriftService"),
+    "notifier": ("services.notifier", 50057, "mlmesh.v1.NotifierService"),
 }
 # Settings through which a service finds another it calls: variable -> the service it names.
 DEPENDENCIES: dict[str, dict[str, str]] = {

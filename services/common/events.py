@@ -316,6 +316,18 @@ class ProfileFailed(ProfileEvent):
     """Starts with `crash:`, `timeout:` or `errors:`."""
 
 
+class WebhookDisabled(EventPayload):
+    """A webhook endpoint stopped receiving: it answered 410 Gone, or failed past the last retry."""
+
+    kind: ClassVar[str] = "webhook.disabled"
+    webhook_id: str
+    url: str
+    """Without its query string, which may hold a token."""
+    reason: str
+    event_id: str = ""
+    """The event whose delivery disabled it."""
+
+
 class DriftEvent(EventPayload):
     """What drift.* events say; the counterparts of Azure's DatasetDriftDetected fields are noted."""
 
