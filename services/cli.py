@@ -866,6 +866,22 @@ def datasets_list(
     console.print(table)
 
 
+@datasets_app.command("download")
+def datasets_download(
+    ref: Annotated[str, typer.Argument(help="name:version, or name for the latest version.")],
+    directory: Annotated[Path, typer.Argument(help="Where to write the file (created when missing).")],
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Download a dataset version's file into DIRECTORY, verified against its sha256."""
+    with registry(address) as client, transfer_progress(f"downloading {ref}", not as_json) as progress:
+        path = client.download_dataset(ref, directory, progress=progress)
+    if as_json:
+        print_json({"ref": ref, "path": str(path.resolve())})
+    else:
+        console.print(f"downloaded {escape(ref)} to {escape(str(path))}")
+
+
 @datasets_app.command("show")
 def datasets_show(
     ref: Annotated[str, typer.Argument(help="name:version, or name for the latest version.")],

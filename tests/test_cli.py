@@ -177,6 +177,17 @@ def test_show_alias_history_download_archive_delete_round_trip(cli, tmp_path: Pa
     assert [(entry["actor"], entry["reason"]) for entry in audit] == [("carol", "cleanup")]
 
 
+def test_datasets_register_show_and_download(cli, tmp_path: Path) -> None:
+    data = tmp_path / "train.csv"
+    data.write_text("a,b,label\n1,2,0\n3,4,1\n")
+    registered = json_of(cli("datasets", "register", "cli-data", str(data), "--json"))
+    ref = f"cli-data:{registered['version']}"
+    assert json_of(cli("datasets", "show", ref, "--json"))["row_count"] == 2
+    downloaded = json_of(cli("datasets", "download", ref, str(tmp_path / "out"), "--json"))
+    assert Path(downloaded["path"]).read_bytes() == data.read_bytes()
+    assert cli("datasets", "download", "cli-data:99", str(tmp_path / "none")).exit_code == 1
+
+
 def test_a_refused_request_prints_the_server_message_and_exits_1(cli) -> None:
     result = cli("models", "show", "cli-no-such-model:3")
 
