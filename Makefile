@@ -1,9 +1,9 @@
-# mlmesh: the two commands of the quick start are `make up` and `make test`.
+# mlmesh: the two commands of the quick start are `make demo` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test setup setup-dev lint format proto bench clean
+.PHONY: demo up test setup setup-dev lint format proto bench clean
 
 $(BIN)/mlmesh: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(VENV)/.dev: $(BIN)/mlmesh
 setup: $(BIN)/mlmesh  ## install mlmesh into .venv
 
 setup-dev: $(VENV)/.dev  ## install mlmesh with the test and lint tools
+
+demo: setup  ## start the mesh on the embedded defaults and walk the whole MLOps loop (mlmesh demo)
+	$(BIN)/mlmesh demo
 
 up: setup  ## start the whole mesh on the embedded defaults (SQLite, embedded NATS)
 	$(BIN)/mlmesh up
@@ -42,6 +45,8 @@ bench: setup-dev  ## run the benchmarks (prints JSON)
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/builder.py
 	$(BIN)/python bench/drift.py
+	$(BIN)/python bench/profiler.py
+	$(BIN)/python bench/notifier.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

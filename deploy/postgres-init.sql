@@ -5,3 +5,4 @@ CREATE DATABASE mlmesh_collector;
 CREATE DATABASE mlmesh_drift;
 CREATE DATABASE mlmesh_profiler;
 CREATE DATABASE mlmesh_notifier;
+CREATE DATABASE mlmesh_automation;

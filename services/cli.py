@@ -42,8 +42,17 @@ from rich.progress import (
 from rich.table import Table
 
 from services import launcher
-from services._proto.mlmesh.v1 import builder_pb2, deployer_pb2, drift_pb2, notifier_pb2, profiler_pb2, registry_pb2
+from services._proto.mlmesh.v1 import (
+    automation_pb2,
+    builder_pb2,
+    deployer_pb2,
+    drift_pb2,
+    notifier_pb2,
+    profiler_pb2,
+    registry_pb2,
+)
 from services.client import (
+    AutomationClient,
     BuilderClient,
     CollectorClient,
     DeployerClient,
@@ -84,6 +93,10 @@ drift_app = typer.Typer(
 )
 monitor_app = typer.Typer(help="Create, list, show and delete drift monitors.")
 profiles_app = typer.Typer(help="List and show stored profiles (`mlmesh profile REF` makes one).")
+retrain_app = typer.Typer(
+    help="Retrain policies: what starts a retraining, how it trains, and when the result replaces the champion."
+)
+policy_app = typer.Typer(help="Create, list, show and delete retrain policies.")
 webhooks_app = typer.Typer(
     help="Send lifecycle events to your HTTP endpoints, signed as Standard Webhooks say; see each delivery."
 )
@@ -105,6 +118,8 @@ drift_app.add_typer(monitor_app, name="monitor", no_args_is_help=True)
 app.add_typer(captures_app, name="captures", no_args_is_help=True)
 app.add_typer(profiles_app, name="profiles", no_args_is_help=True)
 app.add_typer(webhooks_app, name="webhooks", no_args_is_help=True)
+app.add_typer(retrain_app, name="retrain", no_args_is_help=True)
+retrain_app.add_typer(policy_app, name="policy", no_args_is_help=True)
 
 
 class CliSettings(MeshSettings):
@@ -124,6 +139,9 @@ class CliSettings(MeshSettings):
 
     notifier_address: str = ""
     """host:port of the notifier (MLMESH_NOTIFIER_ADDRESS); empty means the running local mesh."""
+
+    automation_address: str = ""
+    """host:port of the automation service (MLMESH_AUTOMATION_ADDRESS); empty means the running local mesh."""
 
     drift_address: str = ""
     """host:port of the drift service (MLMESH_DRIFT_ADDRESS); empty means the running local mesh."""
@@ -204,6 +222,10 @@ def profiler(address: str | None) -> contextlib.AbstractContextManager[ProfilerC
 
 def notifier(address: str | None) -> contextlib.AbstractContextManager[NotifierClient]:
     return connected("notifier", NotifierClient, address)
+
+
+def automation(address: str | None) -> contextlib.AbstractContextManager[AutomationClient]:
+    return connected("automation", AutomationClient, address)
 
 
 def drift(address: str | None) -> contextlib.AbstractContextManager[DriftClient]:
@@ -3165,6 +3187,277 @@ def webhooks_replay(
         print_json({"queued": queued})
     else:
         console.print(f"queued {queued} event(s) again")
+
+
+# ---------------------------------------------------------------- retraining
+
+
+AutomationOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="host:port of the automation service. Default: MLMESH_AUTOMATION_ADDRESS, else the mesh that "
+        "`mlmesh up` started in MLMESH_HOME, else 127.0.0.1:MLMESH_AUTOMATION_PORT (50058).",
+        show_default=False,
+    ),
+]
+RUN_STATUSES = {
+    automation_pb2.RUN_STATUS_RUNNING: "running",
+    automation_pb2.RUN_STATUS_COMPLETED: "completed",
+    automation_pb2.RUN_STATUS_FAILED: "failed",
+}
+
+
+def run_dict(run: automation_pb2.RetrainRun) -> dict[str, Any]:
+    value = to_dict(run)
+    value["status"] = RUN_STATUSES.get(run.status, "unknown")
+    return value
+
+
+def show_run(run: automation_pb2.RetrainRun) -> None:
+    status = RUN_STATUSES.get(run.status, "unknown")
+    colour = {"completed": "green", "failed": "red"}.get(status, "yellow")
+    console.print(f"run {run.id} of policy {escape(run.policy)} ({escape(run.trigger)}): [{colour}]{status}[/{colour}]")
+    if run.produced_version:
+        console.print(
+            f"  produced {escape(run.model)}:{run.produced_version}; champion was {run.champion_version or '-'}"
+        )
+    if run.metric:
+        console.print(f"  {run.metric}: challenger {run.challenger_score:.4f}, champion {run.champion_score:.4f}")
+    if run.message:
+        console.print(f"  {'promoted' if run.promoted else 'decision'}: {escape(run.message)}", soft_wrap=True)
+
+
+@policy_app.command("create")
+def retrain_policy_create(
+    name: Annotated[str, typer.Argument(help="Policy name: lowercase letters, digits and '-'.")],
+    model: Annotated[str, typer.Option("--model", help="The registered model it retrains (its champion alias moves).")],
+    command: Annotated[
+        str,
+        typer.Option(
+            "--command",
+            help="The training command, split like a shell would (no shell runs it). It reads "
+            "$MLMESH_TRAINING_DATA and writes model.onnx (and metrics.json) into $MLMESH_OUTPUT_DIR.",
+        ),
+    ],
+    holdout: Annotated[
+        str, typer.Option("--holdout", help="Holdout dataset (name or name:version) both models are scored on.")
+    ],
+    label: Annotated[str, typer.Option("--label", help="The holdout column with the true answers.")],
+    metric: Annotated[
+        str, typer.Option("--metric", help="accuracy, f1, auc (higher wins) or rmse (lower wins).")
+    ] = "accuracy",
+    min_delta: Annotated[float, typer.Option("--min-delta", help="How much better the challenger must be.")] = 0.0,
+    training_dataset: Annotated[
+        str,
+        typer.Option(
+            "--training-dataset", help="Training data (name: its newest version at each run, or name:version)."
+        ),
+    ] = "",
+    working_dir: Annotated[str, typer.Option("--working-dir", help="Where the command runs (default: here).")] = "",
+    timeout: Annotated[str, typer.Option("--timeout", help="Longest a training may take (30m, 2h).")] = "1h",
+    trigger: Annotated[str, typer.Option("--trigger", help="manual, drift, dataset or schedule.")] = "manual",
+    monitor: Annotated[
+        str, typer.Option("--monitor", help="drift: the monitor whose drift.detected starts a run.")
+    ] = "",
+    on_dataset: Annotated[
+        str, typer.Option("--on-dataset", help="dataset: a new version of this dataset starts a run.")
+    ] = "",
+    every: Annotated[str, typer.Option("--every", help="schedule: how often (1d, 12h).")] = "",
+    address: AutomationOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a retrain policy."""
+    import shlex
+
+    try:
+        argv = shlex.split(command)
+    except ValueError as error:
+        fail(f"--command cannot be split: {error}", 2)
+    directory = str(Path(working_dir).resolve()) if working_dir else str(Path.cwd())
+    with automation(address) as client:
+        created = client.create_policy(
+            name,
+            model,
+            command=argv,
+            holdout_dataset=holdout,
+            label_column=label,
+            metric=metric,
+            min_delta=min_delta,
+            training_dataset=training_dataset,
+            working_dir=directory,
+            timeout_seconds=parse_duration(timeout, "--timeout"),
+            trigger=trigger,
+            monitor=monitor,
+            dataset=on_dataset,
+            schedule_seconds=parse_duration(every, "--every") if every else 0,
+        )
+    if as_json:
+        print_json(to_dict(created))
+    else:
+        console.print(
+            f"policy [bold]{escape(created.name)}[/bold] retrains {escape(created.model)} ({created.trigger.kind})"
+        )
+
+
+@policy_app.command("list")
+def retrain_policy_list(address: AutomationOption = None, as_json: JsonOption = False) -> None:
+    """List retrain policies."""
+    with automation(address) as client:
+        found = client.list_policies()
+    if as_json:
+        print_json([to_dict(policy) for policy in found])
+        return
+    table = new_table("policy", "model", "trigger", "metric", "last run")
+    for policy in found:
+        table.add_row(
+            escape(policy.name),
+            escape(policy.model),
+            policy.trigger.kind,
+            f"{policy.evaluation.metric} +{policy.evaluation.min_delta:g}",
+            when(policy.last_run_at) if policy.HasField("last_run_at") else "-",
+        )
+    console.print(table)
+
+
+@policy_app.command("show")
+def retrain_policy_show(
+    name: Annotated[str, typer.Argument(help="Policy name.")],
+    address: AutomationOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a retrain policy."""
+    with automation(address) as client:
+        found = client.get_policy(name)
+    if as_json:
+        print_json(to_dict(found))
+    else:
+        console.print(escape(json.dumps(to_dict(found), indent=2)))
+
+
+@policy_app.command("delete")
+def retrain_policy_delete(
+    name: Annotated[str, typer.Argument(help="Policy name.")],
+    address: AutomationOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete a retrain policy (its runs stay)."""
+    with automation(address) as client:
+        client.delete_policy(name)
+    if as_json:
+        print_json({"deleted": name})
+    else:
+        console.print(f"deleted policy {escape(name)}")
+
+
+@retrain_app.command("run")
+def retrain_run(
+    policy: Annotated[str, typer.Argument(help="Policy name.")],
+    wait: Annotated[bool, typer.Option(help="Wait until the run finishes.")] = True,
+    address: AutomationOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a run of a policy now; with --wait (the default) show how it ended."""
+    with automation(address) as client:
+        run = client.start_run(policy)
+        if wait:
+            with contextlib.ExitStack() as stack:
+                if not as_json:
+                    stack.enter_context(error_console.status(f"retraining with policy {policy}"))
+                run = client.wait_run(run.id)
+    if as_json:
+        print_json(run_dict(run))
+    else:
+        show_run(run)
+    if run.status == automation_pb2.RUN_STATUS_FAILED:
+        raise typer.Exit(1)
+
+
+@retrain_app.command("runs")
+def retrain_runs(
+    policy: Annotated[str, typer.Argument(help="Only this policy's runs.")] = "",
+    limit: Annotated[int, typer.Option(min=0, help="At most this many, newest first (0: all).")] = 50,
+    address: AutomationOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List retrain runs, newest first."""
+    with automation(address) as client:
+        found = client.list_runs(policy, limit)
+    if as_json:
+        print_json([run_dict(run) for run in found])
+        return
+    table = new_table("run", "policy", "trigger", "status", "version", "promoted", "started")
+    for run in found:
+        table.add_row(
+            run.id,
+            escape(run.policy),
+            escape(run.trigger),
+            RUN_STATUSES.get(run.status, "?"),
+            str(run.produced_version or "-"),
+            "yes" if run.promoted else "no",
+            when(run.started_at),
+        )
+    console.print(table)
+
+
+@retrain_app.command("show")
+def retrain_show(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    address: AutomationOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one run: what it produced, the scores, the decision and the training's last lines."""
+    with automation(address) as client:
+        run = client.get_run(run_id)
+    if as_json:
+        print_json(run_dict(run))
+        return
+    show_run(run)
+    for line in run.log_tail[-20:]:
+        console.print(f"  | {escape(line)}", style="dim")
+
+
+# ---------------------------------------------------------------- the demo
+
+
+@app.command()
+def demo(as_json: JsonOption = False) -> None:
+    """Walk the whole loop on this machine: train, register, convert, profile, deploy, capture,
+    drift, retrain, compare, promote through a canary, with every event at a local webhook
+    receiver that verifies its signature. The mesh (started when none runs) stays up afterwards."""
+    from services import demo as walk
+
+    home = MeshSettings().home.resolve()
+    quiet = as_json
+
+    def say(line: str) -> None:
+        if not quiet:
+            console.print(escape(line), soft_wrap=True)
+
+    @contextmanager
+    def step(title: str) -> Iterator[None]:
+        started = time.monotonic()
+        with contextlib.ExitStack() as stack:
+            if not quiet:
+                stack.enter_context(error_console.status(title))
+            yield
+        say(f"[{time.monotonic() - started:5.1f}s] {title}")
+
+    try:
+        summary = walk.run(home, say, step)
+    except (MeshError, MlmeshError, RuntimeError, launcher.LaunchError) as error:
+        fail(f"the demo stopped: {error}; the mesh's logs are in {home / 'logs'}")
+    if as_json:
+        print_json(summary)
+        return
+    console.print()
+    promoted = f"{walk.MODEL}:{summary['promoted_version']}"
+    console.print(f"[bold green]done in {summary['seconds']:.0f} s[/bold green]: {promoted} was promoted")
+    console.print(f"events at the webhook receiver (every signature verified): {summary['events']}")
+    console.print(
+        "the mesh is still running: try `mlmesh status`, `mlmesh models show demo-cancer@champion`, "
+        "`mlmesh deploy show demo-cancer`, `mlmesh retrain runs`; stop it with `mlmesh down`"
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import hashlib
 import io
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -28,6 +29,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from services._proto.mlmesh.v1 import (
+    automation_pb2,
+    automation_pb2_grpc,
     builder_pb2,
     builder_pb2_grpc,
     collector_pb2,
@@ -57,6 +60,7 @@ DEFAULT_DEPLOYER_ADDRESS = "127.0.0.1:50054"
 DEFAULT_COLLECTOR_ADDRESS = "127.0.0.1:50055"
 DEFAULT_DRIFT_ADDRESS = "127.0.0.1:50056"
 DEFAULT_NOTIFIER_ADDRESS = "127.0.0.1:50057"
+DEFAULT_AUTOMATION_ADDRESS = "127.0.0.1:50058"
 ACTOR_METADATA = "x-mlmesh-actor"
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -1039,6 +1043,99 @@ class NotifierClient(_ServiceClient):
         """Deliver again every kept event of [start, end) matching the endpoint; how many."""
         request = notifier_pb2.ReplayEventsRequest(name=webhook, start=to_timestamp(start), end=to_timestamp(end))
         return self._call(self._stub.ReplayEvents, request).queued
+
+
+class AutomationClient(_ServiceClient):
+    """A connection to the automation service (mlmesh.v1.AutomationService): retrain policies and runs.
+
+    Args:
+        address: host:port of the automation service.
+        actor: who is calling; defaults to MLMESH_ACTOR or the login name.
+        timeout: seconds a call may take.
+    """
+
+    def __init__(
+        self, address: str = DEFAULT_AUTOMATION_ADDRESS, actor: str | None = None, *, timeout: float = 60.0
+    ) -> None:
+        super().__init__(address, actor, timeout)
+        self._stub = automation_pb2_grpc.AutomationServiceStub(self._channel)
+
+    def create_policy(
+        self,
+        name: str,
+        model: str,
+        *,
+        command: Iterable[str],
+        holdout_dataset: str,
+        label_column: str,
+        metric: str = "accuracy",
+        min_delta: float = 0.0,
+        training_dataset: str = "",
+        working_dir: str = "",
+        timeout_seconds: float = 0,
+        trigger: str = "manual",
+        monitor: str = "",
+        dataset: str = "",
+        schedule_seconds: float = 0,
+    ) -> automation_pb2.Policy:
+        """A retrain policy for `model`: how it trains, how the result is judged, what starts it."""
+        request = automation_pb2.CreatePolicyRequest(
+            name=name,
+            model=model,
+            trigger=automation_pb2.Trigger(
+                kind=trigger, monitor=monitor, dataset=dataset, schedule_seconds=schedule_seconds
+            ),
+            training=automation_pb2.Training(
+                command=list(command),
+                dataset=training_dataset,
+                working_dir=working_dir,
+                timeout_seconds=timeout_seconds,
+            ),
+            evaluation=automation_pb2.Evaluation(
+                holdout_dataset=holdout_dataset, label_column=label_column, metric=metric, min_delta=min_delta
+            ),
+        )
+        return self._call(self._stub.CreatePolicy, request).policy
+
+    def get_policy(self, name: str) -> automation_pb2.Policy:
+        return self._call(self._stub.GetPolicy, automation_pb2.GetPolicyRequest(name=name)).policy
+
+    def list_policies(self) -> list[automation_pb2.Policy]:
+        def fetch(token: str) -> Any:
+            return self._call(self._stub.ListPolicies, automation_pb2.ListPoliciesRequest(page_token=token))
+
+        return list(self._all_pages(fetch, "policies"))
+
+    def delete_policy(self, name: str) -> None:
+        self._call(self._stub.DeletePolicy, automation_pb2.DeletePolicyRequest(name=name))
+
+    def start_run(self, policy: str) -> automation_pb2.RetrainRun:
+        """Start a run now; it goes on in the background (see get_run, wait_run)."""
+        return self._call(self._stub.StartRetrainRun, automation_pb2.StartRetrainRunRequest(policy=policy)).run
+
+    def get_run(self, run_id: str) -> automation_pb2.RetrainRun:
+        return self._call(self._stub.GetRetrainRun, automation_pb2.GetRetrainRunRequest(id=run_id)).run
+
+    def wait_run(self, run_id: str, timeout: float = 3600, poll_seconds: float = 0.5) -> automation_pb2.RetrainRun:
+        """Poll a run until it is no longer running (TimeoutError after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while (run := self.get_run(run_id)).status == automation_pb2.RUN_STATUS_RUNNING:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} still runs after {timeout:g} s")
+            time.sleep(poll_seconds)
+        return run
+
+    def list_runs(self, policy: str = "", limit: int = 0) -> list[automation_pb2.RetrainRun]:
+        def fetch(token: str) -> Any:
+            request = automation_pb2.ListRetrainRunsRequest(policy=policy, page_token=token)
+            return self._call(self._stub.ListRetrainRuns, request)
+
+        found = []
+        for run in self._all_pages(fetch, "runs"):
+            found.append(run)
+            if limit and len(found) >= limit:
+                break
+        return found
 
 
 class DriftClient(_ServiceClient):

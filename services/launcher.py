@@ -37,6 +37,7 @@ SERVICES: dict[str, tuple[str, int, str]] = {
     "collector": ("services.collector", 50055, "mlmesh.v1.CollectorService"),
     "drift": ("services.drift", 50056, "mlmesh.v1.DriftService"),
     "notifier": ("services.notifier", 50057, "mlmesh.v1.NotifierService"),
+    "automation": ("services.automation", 50058, "mlmesh.v1.AutomationService"),
 }
 # Settings through which a service finds another it calls: variable -> the service it names.
 DEPENDENCIES: dict[str, dict[str, str]] = {
@@ -48,11 +49,19 @@ DEPENDENCIES: dict[str, dict[str, str]] = {
         "MLMESH_DEPLOYER_PROFILER_ADDRESS": "profiler",
     },
     "collector": {"MLMESH_COLLECTOR_REGISTRY_ADDRESS": "registry"},
+    "automation": {"MLMESH_AUTOMATION_REGISTRY_ADDRESS": "registry"},
     "drift": {
         "MLMESH_DRIFT_REGISTRY_ADDRESS": "registry",
         "MLMESH_DRIFT_COLLECTOR_ADDRESS": "collector",
         "MLMESH_DRIFT_DEPLOYER_ADDRESS": "deployer",
     },
+}
+
+# Settings of a mesh on this machine that differ from a service's own defaults, unless set:
+# webhook receivers on this machine are what a laptop mesh talks to (a shared deployment keeps
+# the notifier's default, which refuses them).
+LOCAL_DEFAULTS: dict[str, dict[str, str]] = {
+    "notifier": {"MLMESH_NOTIFIER_ALLOWED_HOSTS": "127.0.0.1,localhost,::1"},
 }
 
 STATE_FILE = "mesh.json"
@@ -208,6 +217,9 @@ def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
 
 def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as probe:
+        # As the servers bind: connections of a stopped process that linger in TIME_WAIT on the
+        # port do not make it taken.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:
@@ -301,6 +313,8 @@ def _start_service(
     module = SERVICES[name][0]
     host, port = endpoint_of(name)
     extra = {variable: addresses[other] for variable, other in DEPENDENCIES.get(name, {}).items()}
+    for variable, value in LOCAL_DEFAULTS.get(name, {}).items():
+        extra.setdefault(variable, os.environ.get(variable, value))
     if port == 0:
         # The launcher must know the port to check health and record it, so it picks one.
         port = natsserver.free_port()

@@ -61,8 +61,9 @@ def test_up_detach_status_refuses_a_second_up_and_down_stops_everything(tmp_path
     home = tmp_path / "mesh"
     port, deployer_port, collector_port = natsserver.free_port(), natsserver.free_port(), natsserver.free_port()
     builder_port, drift_port, profiler_port = natsserver.free_port(), natsserver.free_port(), natsserver.free_port()
-    notifier_port = natsserver.free_port()
+    notifier_port, automation_port = natsserver.free_port(), natsserver.free_port()
     ports = {
+        "MLMESH_AUTOMATION_PORT": str(automation_port),
         "MLMESH_NOTIFIER_PORT": str(notifier_port),
         "MLMESH_REGISTRY_PORT": str(port),
         "MLMESH_BUILDER_PORT": str(builder_port),
@@ -103,6 +104,8 @@ def test_up_detach_status_refuses_a_second_up_and_down_stops_everything(tmp_path
         }
         assert status["services"]["notifier"]["address"] == f"127.0.0.1:{notifier_port}"
         assert status["services"]["notifier"]["status"] == "SERVING"
+        assert status["services"]["automation"]["address"] == f"127.0.0.1:{automation_port}"
+        assert status["services"]["automation"]["status"] == "SERVING"
         assert status["nats_url"] == state.nats_url
 
         again = runner.invoke(app, ["up", "--detach"], env=settings)
@@ -117,6 +120,7 @@ def test_up_detach_status_refuses_a_second_up_and_down_stops_everything(tmp_path
         assert not is_alive(state.services["drift"].pid, "services.drift")
         assert not is_alive(state.services["profiler"].pid, "services.profiler")
         assert not is_alive(state.services["notifier"].pid, "services.notifier")
+        assert not is_alive(state.services["automation"].pid, "services.automation")
         assert not is_alive(state.nats_pid, "nats-server")
         assert read_state(home) is None
         after = json.loads(runner.invoke(app, ["status", "--json"], env=settings).stdout)

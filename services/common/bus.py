@@ -200,3 +200,20 @@ def subscribe_events(
         if not handler_is_idempotent:
             await asyncio.to_thread(remember, event.id)
         await message.ack()
+
+
+async def run_subscribers(nats_url: str, name: str, register: Callable[[NatsBroker], None]) -> None:
+    """Run a service's event subscribers until cancelled: make sure the events stream exists
+    (waiting for NATS while it is down), then start a broker with the handlers `register` adds."""
+    connection = await connect_with_retry(nats_url, name=f"{name}-setup")
+    try:
+        await ensure_stream(connection.jetstream())
+    finally:
+        await connection.close()
+    broker = NatsBroker(nats_url, max_reconnect_attempts=-1)
+    register(broker)
+    await broker.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await broker.stop()

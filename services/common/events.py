@@ -328,6 +328,49 @@ class WebhookDisabled(EventPayload):
     """The event whose delivery disabled it."""
 
 
+class RetrainEvent(EventPayload):
+    """What every retrain.* event says: the run, its policy and model, what started it."""
+
+    run_id: str
+    policy: str
+    model: str
+    trigger: str
+    """manual, drift:<monitor>:<check id>, dataset:<name>:<version> or schedule."""
+
+
+class RetrainStarted(RetrainEvent):
+    kind: ClassVar[str] = "retrain.started"
+
+
+class RetrainCompleted(RetrainEvent):
+    kind: ClassVar[str] = "retrain.completed"
+    status: str
+    """completed (a version was produced and judged) or failed."""
+    message: str
+    """The decision in words, or why the run failed."""
+    produced_version: int = 0
+    champion_version: int = 0
+    metric: str = ""
+    challenger_score: float | None = None
+    champion_score: float | None = None
+    promoted: bool = False
+
+
+class ModelPromoted(EventPayload):
+    """A retrain run's challenger became the champion: the alias moved, and why."""
+
+    kind: ClassVar[str] = "model.promoted"
+    name: str
+    version: int
+    alias: str
+    previous_version: int = 0
+    reason: str
+    run_id: str
+    metric: str = ""
+    challenger_score: float | None = None
+    champion_score: float | None = None
+
+
 class DriftEvent(EventPayload):
     """What drift.* events say; the counterparts of Azure's DatasetDriftDetected fields are noted."""
 

@@ -3,13 +3,10 @@ dispatcher that delivers them."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from faststream.nats import NatsBroker
-
 from services._proto.mlmesh.v1 import notifier_pb2, notifier_pb2_grpc
-from services.common.bus import connect_with_retry, ensure_stream
+from services.common.bus import run_subscribers
 from services.common.db import Database
 from services.common.outbox import Outbox
 from services.common.server import ServiceRuntime, run_service, service_runtime
@@ -53,18 +50,9 @@ def build(settings: NotifierSettings) -> ServiceRuntime:
         if not settings.nats_url:
             log.warning("notifier: no MLMESH_NATS_URL, so no events arrive; only test events are delivered")
             return
-        connection = await connect_with_retry(settings.nats_url, name="notifier-setup")
-        try:
-            await ensure_stream(connection.jetstream())
-        finally:
-            await connection.close()
-        broker = NatsBroker(settings.nats_url, max_reconnect_attempts=-1)
-        subscribe(broker, database, webhooks, dispatcher)
-        await broker.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await broker.stop()
+        await run_subscribers(
+            settings.nats_url, "notifier", lambda broker: subscribe(broker, database, webhooks, dispatcher)
+        )
 
     registration = (
         notifier_pb2_grpc.add_NotifierServiceServicer_to_server,

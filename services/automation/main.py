@@ -1,0 +1,147 @@
+"""Entry point of the automation service: its API, the triggers (events and schedules) and the
+workers that run retraining."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from services._proto.mlmesh.v1 import automation_pb2, automation_pb2_grpc, registry_pb2
+from services.automation.domain import CHAMPION, Automation
+from services.automation.models import TABLES, create_tables
+from services.automation.servicer import AutomationServicer
+from services.automation.settings import AutomationSettings
+from services.automation.subscribers import subscribe
+from services.client import RegistryClient
+from services.common.bus import run_subscribers
+from services.common.db import Database
+from services.common.errors import NotFound
+from services.common.outbox import Outbox
+from services.common.remote import RemoteCalls
+from services.common.server import ServiceRuntime, run_service, service_runtime
+
+SERVICE_NAME = automation_pb2.DESCRIPTOR.services_by_name["AutomationService"].full_name
+log = logging.getLogger(__name__)
+
+
+class RegistryModels:
+    """What runs need of the registry, over its client."""
+
+    def __init__(self, registry: RemoteCalls, cache: Path) -> None:
+        self.registry = registry
+        self.cache = cache
+
+    def dataset_file(self, ref: str, directory: Path) -> tuple[str, Path]:
+        dataset = self.registry.get_dataset(ref)
+        resolved = f"{dataset.name}:{dataset.version}"
+        return resolved, self.registry.download_dataset(resolved, directory)
+
+    def champion(self, model: str) -> int:
+        try:
+            return int(self.registry.get(f"{model}@{CHAMPION}").version)
+        except NotFound:
+            return 0
+
+    def model_file(self, model: str, version: int) -> Path:
+        return self.registry.fetch_onnx(f"{model}:{version}", self.cache)[1]
+
+    def register(self, model: str, output_dir: Path, lineage: dict[str, Any], description: str) -> int:
+        git = lineage["git"]
+        version = self.registry.register_model(
+            model,
+            [output_dir / "model.onnx"],
+            framework="onnx",
+            description=description,
+            tags={"trained-by": "mlmesh-automation", "retrain-run": lineage["run_id"]},
+            lineage=registry_pb2.Lineage(
+                run_id=lineage["run_id"],
+                experiment=lineage["experiment"],
+                git=registry_pb2.GitInfo(**git) if git else None,
+                datasets=lineage["datasets"],
+                parent_version=lineage["parent"],
+            ),
+        )
+        return int(version.version)
+
+    def record_run(self, run_id: str, experiment: str, metrics: dict[str, float], lineage: dict[str, Any]) -> None:
+        git = lineage["git"]
+        self.registry.record_run(
+            run_id=run_id,
+            experiment=experiment,
+            name=f"retrain {experiment}",
+            metrics=metrics,
+            git=registry_pb2.GitInfo(**git) if git else None,
+            datasets=lineage["datasets"],
+            status="FINISHED",
+        )
+
+    def promote(self, model: str, version: int, reason: str) -> int:
+        return int(self.registry.set_alias(model, CHAMPION, version, reason[:500]).previous_version)
+
+
+def build(settings: AutomationSettings) -> ServiceRuntime:
+    """Everything the automation service runs: database, outbox, the gRPC server, the triggers."""
+    if settings.workers != 1:
+        raise SystemExit("MLMESH_AUTOMATION_WORKERS must be 1: one process owns the runs")
+    database = Database(settings.resolved_database_url(), TABLES)
+    create_tables(database)
+    outbox = Outbox()
+    work_dir = settings.resolved_work_dir()
+    registry = RemoteCalls(RegistryClient(settings.registry_address, actor="automation", timeout=600), "registry")
+    automation = Automation(
+        database,
+        outbox,
+        RegistryModels(registry, work_dir / "model-cache"),
+        work_dir,
+        min_schedule_seconds=settings.min_schedule_seconds,
+        log_lines=settings.log_lines,
+    )
+    automation.interrupted()
+    runners = ThreadPoolExecutor(max_workers=settings.parallel_runs, thread_name_prefix="retrain")
+
+    def launch(run_id: str) -> None:
+        runners.submit(automation.execute, run_id)
+
+    async def schedule() -> None:
+        while True:
+            try:
+                for name in await database.run(automation.due_policies, time.time()):
+                    launch((await database.run(automation.start_run, name, "schedule")).id)
+            except Exception:  # a failed tick is retried on the next; it must not stop the loop
+                log.exception("automation: the schedule tick failed")
+            await asyncio.sleep(settings.schedule_tick_seconds)
+
+    async def consume() -> None:
+        if not settings.nats_url:
+            log.warning("automation: no MLMESH_NATS_URL, so only manual and scheduled runs start")
+            return
+        try:
+            await run_subscribers(
+                settings.nats_url, "automation", lambda broker: subscribe(broker, database, automation, launch)
+            )
+        finally:
+            runners.shutdown(wait=False, cancel_futures=True)
+
+    registration = (
+        automation_pb2_grpc.add_AutomationServiceServicer_to_server,
+        AutomationServicer(automation, launch),
+        SERVICE_NAME,
+    )
+    return service_runtime(
+        "automation", settings, [registration], database=database, outbox=outbox, background=[schedule, consume]
+    )
+
+
+def build_server(settings: AutomationSettings) -> object:
+    """An unstarted grpc.aio server of the automation service."""
+    return build(settings).server
+
+
+async def main(settings: AutomationSettings | None = None) -> None:
+    """Run the automation service until SIGTERM."""
+    settings = settings or AutomationSettings()
+    await run_service(settings, build)

@@ -1,0 +1,57 @@
+"""Tables owned by the automation service. Timestamps are Unix seconds (float)."""
+
+from __future__ import annotations
+
+from sqlmodel import Field, SQLModel
+
+from services.common.bus import ParkedEvent, ProcessedEvent
+from services.common.db import Database
+from services.common.outbox import OutboxEvent
+
+
+class PolicyRow(SQLModel, table=True):
+    """A retrain policy: what triggers it, how it trains, how its result is judged."""
+
+    __tablename__ = "policies"
+
+    name: str = Field(primary_key=True)
+    model: str = Field(index=True)
+    trigger: str
+    """JSON object: kind, monitor, dataset, schedule_seconds."""
+    training: str
+    """JSON object: command, dataset, working_dir, timeout_seconds."""
+    evaluation: str
+    """JSON object: holdout_dataset, label_column, metric, min_delta."""
+    created_at: float
+    last_run_at: float | None = None
+
+
+class RunRow(SQLModel, table=True):
+    """One run of a policy."""
+
+    __tablename__ = "runs"
+
+    id: str = Field(primary_key=True)
+    policy: str = Field(index=True)
+    model: str
+    trigger: str
+    status: str = Field(index=True)
+    """running, completed or failed."""
+    message: str = ""
+    produced_version: int = 0
+    champion_version: int = 0
+    metric: str = ""
+    challenger_score: float | None = None
+    champion_score: float | None = None
+    promoted: bool = False
+    training_metrics: str = "{}"
+    log_tail: str = "[]"
+    started_at: float = Field(index=True)
+    finished_at: float | None = None
+
+
+TABLES = [PolicyRow, RunRow, OutboxEvent, ProcessedEvent, ParkedEvent]
+
+
+def create_tables(database: Database) -> None:
+    database.create_tables()
