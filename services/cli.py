@@ -3226,6 +3226,9 @@ def show_run(run: automation_pb2.RetrainRun) -> None:
         console.print(f"  {run.metric}: challenger {run.challenger_score:.4f}, champion {run.champion_score:.4f}")
     if run.message:
         console.print(f"  {'promoted' if run.promoted else 'decision'}: {escape(run.message)}", soft_wrap=True)
+    if run.rollout != "none" and run.rollout:
+        figures = ", ".join(f"{key} {value:g}" for key, value in sorted(run.rollout_figures.items()))
+        console.print(f"  rollout: {run.rollout.replace('_', ' ')} ({figures})")
 
 
 @policy_app.command("create")
@@ -3264,6 +3267,26 @@ def retrain_policy_create(
         str, typer.Option("--on-dataset", help="dataset: a new version of this dataset starts a run.")
     ] = "",
     every: Annotated[str, typer.Option("--every", help="schedule: how often (1d, 12h).")] = "",
+    rollout_endpoint: Annotated[
+        str,
+        typer.Option(
+            "--rollout-endpoint",
+            help="Roll a winner out on this endpoint (shadow, canary, all traffic) before it becomes champion; "
+            "errors or slower answers roll it back.",
+        ),
+    ] = "",
+    shadow: Annotated[
+        str, typer.Option("--shadow", help="Mirrored copies for this long first (5m); default none.")
+    ] = "",
+    canary_percent: Annotated[int, typer.Option("--canary-percent", min=0, max=99, help="Canary share (0: 10).")] = 0,
+    canary: Annotated[str, typer.Option("--canary", help="Canary length (default 1m).")] = "",
+    max_error_rate: Annotated[
+        float, typer.Option("--max-error-rate", min=0.0, max=1.0, help="Most errors per request (0: 0.01).")
+    ] = 0.0,
+    max_latency_ratio: Annotated[
+        float,
+        typer.Option("--max-latency-ratio", min=0.0, help="Most p99 as a multiple of the serving one's (0: 1.5)."),
+    ] = 0.0,
     address: AutomationOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -3291,6 +3314,14 @@ def retrain_policy_create(
             monitor=monitor,
             dataset=on_dataset,
             schedule_seconds=parse_duration(every, "--every") if every else 0,
+            rollout={
+                "endpoint": rollout_endpoint,
+                "shadow_seconds": parse_duration(shadow, "--shadow"),
+                "canary_percent": canary_percent,
+                "canary_seconds": parse_duration(canary, "--canary"),
+                "max_error_rate": max_error_rate,
+                "max_latency_ratio": max_latency_ratio,
+            },
         )
     if as_json:
         print_json(to_dict(created))

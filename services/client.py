@@ -1077,8 +1077,11 @@ class AutomationClient(_ServiceClient):
         monitor: str = "",
         dataset: str = "",
         schedule_seconds: float = 0,
+        rollout: dict[str, Any] | None = None,
     ) -> automation_pb2.Policy:
-        """A retrain policy for `model`: how it trains, how the result is judged, what starts it."""
+        """A retrain policy for `model`: how it trains, how the result is judged, what starts it, and
+        (`rollout`: endpoint, shadow_seconds, canary_percent, canary_seconds, max_error_rate,
+        max_latency_ratio, min_requests) how a winner is rolled out before it becomes champion."""
         request = automation_pb2.CreatePolicyRequest(
             name=name,
             model=model,
@@ -1094,6 +1097,7 @@ class AutomationClient(_ServiceClient):
             evaluation=automation_pb2.Evaluation(
                 holdout_dataset=holdout_dataset, label_column=label_column, metric=metric, min_delta=min_delta
             ),
+            rollout=automation_pb2.Rollout(**(rollout or {})),
         )
         return self._call(self._stub.CreatePolicy, request).policy
 

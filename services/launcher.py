@@ -49,7 +49,10 @@ DEPENDENCIES: dict[str, dict[str, str]] = {
         "MLMESH_DEPLOYER_PROFILER_ADDRESS": "profiler",
     },
     "collector": {"MLMESH_COLLECTOR_REGISTRY_ADDRESS": "registry"},
-    "automation": {"MLMESH_AUTOMATION_REGISTRY_ADDRESS": "registry"},
+    "automation": {
+        "MLMESH_AUTOMATION_REGISTRY_ADDRESS": "registry",
+        "MLMESH_AUTOMATION_DEPLOYER_ADDRESS": "deployer",
+    },
     "drift": {
         "MLMESH_DRIFT_REGISTRY_ADDRESS": "registry",
         "MLMESH_DRIFT_COLLECTOR_ADDRESS": "collector",

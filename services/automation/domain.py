@@ -3,6 +3,7 @@ replaces the champion."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from services.automation.models import PolicyRow, RunRow
 from services.common import events, paging
 from services.common.db import Database
 from services.common.errors import AlreadyExists, InvalidArgument, MlmeshError, NotFound
-from services.common.names import REGISTERED_NAME
+from services.common.names import ENDPOINT_NAME, REGISTERED_NAME
 from services.common.outbox import Outbox
 
 SERVICE = "automation"
@@ -31,6 +32,8 @@ TRIGGERS = ("manual", "drift", "dataset", "schedule")
 DATASET_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(:[0-9]{1,9})?")
 RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
 MAX_ARGUMENTS = 100
+LATENCY_TOLERANCE_SECONDS = 0.010
+"""A challenger's p99 this close to the serving deployment's is never judged slower."""
 log = logging.getLogger(__name__)
 
 
@@ -59,12 +62,50 @@ class Registry(Protocol):
 
 
 @dataclass(frozen=True)
+class Figures:
+    """What one deployment answered during a phase."""
+
+    requests: int
+    errors: int
+    p99_seconds: float | None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+class Endpoints(Protocol):
+    """What a rollout needs of the deployer (an adapter over services.client.DeployerClient)."""
+
+    def serving(self, endpoint: str) -> tuple[str, str, int]:
+        """(deployment, target, replicas) of the deployment taking the most traffic."""
+        ...
+
+    def add(self, endpoint: str, deployment: str, model_ref: str, target: str, replicas: int) -> None:
+        """Add a deployment taking no traffic and wait until it is ready."""
+        ...
+
+    def route(self, endpoint: str, traffic: dict[str, int], mirror: dict[str, int]) -> None: ...
+
+    def remove(self, endpoint: str, deployment: str) -> None: ...
+
+    def counters(self, endpoint: str, deployment: str) -> dict[str, Any]:
+        """The deployment's replicas' request and latency counters so far (summed)."""
+        ...
+
+    def figures(self, before: dict[str, Any], after: dict[str, Any]) -> Figures:
+        """What was answered between two readings of `counters`."""
+        ...
+
+
+@dataclass(frozen=True)
 class PolicySpec:
     name: str
     model: str
     trigger: dict[str, Any]
     training: dict[str, Any]
     evaluation: dict[str, Any]
+    rollout: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,6 +115,7 @@ class PolicyView:
     trigger: dict[str, Any]
     training: dict[str, Any]
     evaluation: dict[str, Any]
+    rollout: dict[str, Any]
     created_at: float
     last_run_at: float | None
 
@@ -94,6 +136,8 @@ class RunView:
     promoted: bool
     training_metrics: dict[str, float] = field(default_factory=dict)
     log_tail: list[str] = field(default_factory=list)
+    rollout: str = "none"
+    rollout_figures: dict[str, float] = field(default_factory=dict)
     started_at: float = 0.0
     finished_at: float | None = None
 
@@ -169,7 +213,37 @@ def check_policy(spec: PolicySpec, min_schedule_seconds: float) -> PolicySpec:
     if not (math.isfinite(delta) and -1e9 <= delta <= 1e9):
         raise InvalidArgument("evaluation.min_delta must be a finite number", field="evaluation.min_delta")
     evaluation.update(metric=metric, min_delta=delta)
-    return PolicySpec(spec.name, spec.model, trigger, train, evaluation)
+    return PolicySpec(spec.name, spec.model, trigger, train, evaluation, check_rollout(spec.rollout))
+
+
+def check_rollout(values: dict[str, Any]) -> dict[str, Any]:
+    rollout = {
+        "endpoint": "",
+        "shadow_seconds": 0.0,
+        "canary_percent": 10,
+        "canary_seconds": 60.0,
+        "max_error_rate": 0.01,
+        "max_latency_ratio": 1.5,
+        "min_requests": 20,
+        **{key: value for key, value in values.items() if value},
+    }
+    if rollout["endpoint"] and not ENDPOINT_NAME.fullmatch(rollout["endpoint"]):
+        raise InvalidArgument(
+            f"rollout.endpoint {rollout['endpoint'][:100]!r} is not an endpoint name", field="rollout.endpoint"
+        )
+    limits = [
+        ("shadow_seconds", 0, 86400),
+        ("canary_percent", 1, 99),
+        ("canary_seconds", 0.1, 86400),
+        ("max_error_rate", 0, 1),
+        ("max_latency_ratio", 1, 100),
+        ("min_requests", 1, 1_000_000),
+    ]
+    for key, low, high in limits:
+        value = float(rollout[key])
+        if not (math.isfinite(value) and low <= value <= high):
+            raise InvalidArgument(f"rollout.{key} must be {low:g} to {high:g}", field=f"rollout.{key}")
+    return rollout
 
 
 def decide(metric: str, challenger: float, champion: float | None, min_delta: float) -> tuple[bool, str]:
@@ -201,10 +275,12 @@ class Automation:
         *,
         min_schedule_seconds: float,
         log_lines: int,
+        endpoints: Endpoints | None = None,
     ) -> None:
         self.database = database
         self.outbox = outbox
         self.registry = registry
+        self.endpoints = endpoints
         self.work_dir = work_dir
         self.min_schedule_seconds = min_schedule_seconds
         self.log_lines = log_lines
@@ -222,6 +298,7 @@ class Automation:
                 trigger=json.dumps(spec.trigger),
                 training=json.dumps(spec.training),
                 evaluation=json.dumps(spec.evaluation),
+                rollout=json.dumps(spec.rollout),
                 created_at=time.time(),
             )
             session.add(row)
@@ -368,10 +445,103 @@ class Automation:
             raise RunFailed(f"version {version} was registered but could not be evaluated: {error}") from None
         promoted, reason = decide(metric, challenger, incumbent, evaluation["min_delta"])
         self._update(run_id, metric=metric, challenger_score=challenger, champion_score=incumbent)
+        if promoted and policy.rollout.get("endpoint"):
+            rolled_back = self._roll_out(run_id, policy, version)
+            if rolled_back:
+                return self._finish(run_id, COMPLETED, f"{reason}; {rolled_back}", rolled_back=rolled_back)
         previous = 0
         if promoted:
             previous = self.registry.promote(policy.model, version, f"retrain run {run_id}: {reason}")
         return self._finish(run_id, COMPLETED, reason, promoted=promoted, previous=previous)
+
+    def _roll_out(self, run_id: str, policy: PolicyView, version: int) -> str:
+        """Shadow, canary, then all traffic for the challenger; the reason it was rolled back, or
+        an empty string when it took over."""
+        if self.endpoints is None:
+            raise RunFailed("this automation service has no deployer (MLMESH_AUTOMATION_DEPLOYER_ADDRESS)")
+        rollout, endpoints = policy.rollout, self.endpoints
+        endpoint = rollout["endpoint"]
+        stable, target, replicas = endpoints.serving(endpoint)
+        challenger = f"v{version}"
+        endpoints.add(endpoint, challenger, f"{policy.model}:{version}", target, replicas)
+        figures: dict[str, float] = {}
+        try:
+            phases = [("shadow", rollout["shadow_seconds"])] if rollout["shadow_seconds"] else []
+            phases.append(("canary", rollout["canary_seconds"]))
+            for phase, seconds in phases:
+                if phase == "shadow":
+                    endpoints.route(endpoint, {stable: 100}, {challenger: 100})
+                else:
+                    percent = int(rollout["canary_percent"])
+                    endpoints.route(endpoint, {stable: 100 - percent, challenger: percent}, {})
+                problem = self._watch(endpoint, stable, challenger, rollout, seconds, phase, figures)
+                if problem:
+                    endpoints.route(endpoint, {stable: 100}, {})
+                    endpoints.remove(endpoint, challenger)
+                    self._update(run_id, rollout="rolled_back", rollout_figures=json.dumps(figures))
+                    return f"rolled back from {endpoint}: {problem}"
+            endpoints.route(endpoint, {challenger: 100}, {})
+            endpoints.remove(endpoint, stable)
+        except BaseException:
+            with contextlib.suppress(Exception):  # leave the endpoint as it was
+                endpoints.route(endpoint, {stable: 100}, {})
+                endpoints.remove(endpoint, challenger)
+            raise
+        self._update(run_id, rollout="rolled_out", rollout_figures=json.dumps(figures))
+        return ""
+
+    def _watch(
+        self,
+        endpoint: str,
+        stable: str,
+        challenger: str,
+        rollout: dict[str, Any],
+        seconds: float,
+        phase: str,
+        figures: dict[str, float],
+    ) -> str:
+        """Watch a phase for `seconds` (longer, up to three times, until the challenger has answered
+        `min_requests`); why the challenger must go back, or an empty string."""
+        assert self.endpoints is not None
+        before = {name: self.endpoints.counters(endpoint, name) for name in (stable, challenger)}
+        started = time.monotonic()
+        while True:
+            time.sleep(min(1.0, seconds))
+            after = {name: self.endpoints.counters(endpoint, name) for name in (stable, challenger)}
+            seen = {name: self.endpoints.figures(before[name], after[name]) for name in (stable, challenger)}
+            elapsed = time.monotonic() - started
+            enough = seen[challenger].requests >= rollout["min_requests"]
+            if elapsed >= seconds and (enough or elapsed >= 3 * seconds):
+                break
+        new, old = seen[challenger], seen[stable]
+        figures[f"{phase}_requests"] = new.requests
+        figures[f"{phase}_error_rate"] = round(new.error_rate, 4)
+        figures[f"{phase}_serving_error_rate"] = round(old.error_rate, 4)
+        if new.p99_seconds is not None:
+            figures[f"{phase}_p99_ms"] = round(new.p99_seconds * 1000, 3)
+        if old.p99_seconds is not None:
+            figures[f"{phase}_serving_p99_ms"] = round(old.p99_seconds * 1000, 3)
+        if new.requests < rollout["min_requests"]:
+            return f"the {phase} saw {new.requests} requests, fewer than the {rollout['min_requests']} needed to judge"
+        if new.error_rate > rollout["max_error_rate"]:
+            return (
+                f"during the {phase} the challenger answered {new.errors} of {new.requests} requests with errors "
+                f"({new.error_rate:.1%}, more than {rollout['max_error_rate']:.1%})"
+            )
+        slower = (
+            new.p99_seconds is not None
+            and old.p99_seconds is not None
+            and new.p99_seconds > old.p99_seconds * rollout["max_latency_ratio"]
+            # Latency comes from histogram buckets (2.5 ms, 5 ms, 10 ms, ...): a few milliseconds
+            # apart is a bucket apart, not a regression.
+            and new.p99_seconds - old.p99_seconds > LATENCY_TOLERANCE_SECONDS
+        )
+        if slower:
+            return (
+                f"during the {phase} the challenger's p99 was {new.p99_seconds * 1000:.1f} ms, more than "
+                f"{rollout['max_latency_ratio']:g}x the serving deployment's {old.p99_seconds * 1000:.1f} ms"
+            )
+        return ""
 
     def _update(self, run_id: str, **values: Any) -> None:
         with self.database.transaction() as session:
@@ -381,7 +551,16 @@ class Automation:
                     setattr(row, key, value)
                 session.add(row)
 
-    def _finish(self, run_id: str, status: str, message: str, *, promoted: bool = False, previous: int = 0) -> RunView:
+    def _finish(
+        self,
+        run_id: str,
+        status: str,
+        message: str,
+        *,
+        promoted: bool = False,
+        previous: int = 0,
+        rolled_back: str = "",
+    ) -> RunView:
         with self.database.transaction() as session:
             row = session.get(RunRow, run_id)
             assert row is not None
@@ -419,6 +598,18 @@ class Automation:
                     session,
                     events.make_event(SERVICE, promotion, f"models/{row.model}/versions/{row.produced_version}"),
                 )
+            if rolled_back:
+                policy = session.get(PolicyRow, row.policy)
+                rollback = events.ModelRolledBack(
+                    name=row.model,
+                    version=row.produced_version,
+                    endpoint=json.loads(policy.rollout).get("endpoint", "") if policy else "",
+                    reason=rolled_back,
+                    run_id=row.id,
+                    figures=json.loads(row.rollout_figures),
+                )
+                subject = f"models/{row.model}/versions/{row.produced_version}"
+                self.outbox.add(session, events.make_event(SERVICE, rollback, subject))
             return run_view(row)
 
     # ------------------------------------------------------------ reading
@@ -459,6 +650,7 @@ def policy_view(row: PolicyRow) -> PolicyView:
         trigger=trigger_of(row),
         training=json.loads(row.training),
         evaluation=json.loads(row.evaluation),
+        rollout=json.loads(row.rollout),
         created_at=row.created_at,
         last_run_at=row.last_run_at,
     )
@@ -468,4 +660,5 @@ def run_view(row: RunRow) -> RunView:
     values = row.model_dump()
     values["training_metrics"] = json.loads(row.training_metrics)
     values["log_tail"] = json.loads(row.log_tail)
+    values["rollout_figures"] = json.loads(row.rollout_figures)
     return RunView(**values)

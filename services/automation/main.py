@@ -4,22 +4,26 @@ workers that run retraining."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from services._proto.mlmesh.v1 import automation_pb2, automation_pb2_grpc, registry_pb2
-from services.automation.domain import CHAMPION, Automation
+from prometheus_client.parser import text_string_to_metric_families
+
+from services._proto.mlmesh.v1 import automation_pb2, automation_pb2_grpc, deployer_pb2, registry_pb2
+from services.automation.domain import CHAMPION, Automation, Figures
 from services.automation.models import TABLES, create_tables
 from services.automation.servicer import AutomationServicer
 from services.automation.settings import AutomationSettings
 from services.automation.subscribers import subscribe
-from services.client import RegistryClient
+from services.client import DeployerClient, RegistryClient
 from services.common.bus import run_subscribers
 from services.common.db import Database
-from services.common.errors import NotFound
+from services.common.errors import MlmeshError, NotFound
 from services.common.outbox import Outbox
 from services.common.remote import RemoteCalls
 from services.common.server import ServiceRuntime, run_service, service_runtime
@@ -83,6 +87,72 @@ class RegistryModels:
         return int(self.registry.set_alias(model, CHAMPION, version, reason[:500]).previous_version)
 
 
+class DeployedEndpoints:
+    """What rollouts need of the deployer, over its client, and of the replicas' /metrics."""
+
+    def __init__(self, deployer: RemoteCalls, ready_timeout: float = 600) -> None:
+        self.deployer = deployer
+        self.ready_timeout = ready_timeout
+
+    def serving(self, endpoint: str) -> tuple[str, str, int]:
+        found = max(self.deployer.get(endpoint).deployments, key=lambda deployment: deployment.traffic)
+        return found.name, found.target, found.replicas
+
+    def add(self, endpoint: str, deployment: str, model_ref: str, target: str, replicas: int) -> None:
+        self.deployer.create(endpoint, model_ref, deployment=deployment, target=target, replicas=replicas, traffic=0)
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            state = {d.name: d for d in self.deployer.get(endpoint).deployments}[deployment]
+            if state.status == deployer_pb2.DEPLOYMENT_STATUS_READY:
+                return
+            if state.status == deployer_pb2.DEPLOYMENT_STATUS_FAILED or time.monotonic() > deadline:
+                with contextlib.suppress(MlmeshError):
+                    self.deployer.delete(endpoint, deployment)
+                raise RuntimeError(
+                    f"the challenger's deployment {endpoint}/{deployment} did not start: {state.message}"
+                )
+            time.sleep(0.3)
+
+    def route(self, endpoint: str, traffic: dict[str, int], mirror: dict[str, int]) -> None:
+        current = {deployment.name: 0 for deployment in self.deployer.get(endpoint).deployments}
+        self.deployer.set_traffic(endpoint, {**current, **traffic}, mirror)
+
+    def remove(self, endpoint: str, deployment: str) -> None:
+        self.deployer.delete(endpoint, deployment)
+
+    def counters(self, endpoint: str, deployment: str) -> dict[str, Any]:
+        """Requests by outcome and latency buckets of every replica, summed (Prometheus text)."""
+        state = {d.name: d for d in self.deployer.get(endpoint).deployments}[deployment]
+        requests: dict[str, float] = {}
+        buckets: dict[float, float] = {}
+        for replica in state.replica_states:
+            try:
+                with urllib.request.urlopen(f"http://{replica.http_address}/metrics", timeout=5) as answer:
+                    text = answer.read().decode()
+            except OSError:
+                continue
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "mlmesh_runtime_requests_total":
+                        code = sample.labels.get("code", "")
+                        requests[code] = requests.get(code, 0.0) + sample.value
+                    elif sample.name == "mlmesh_runtime_request_seconds_bucket":
+                        bound = float(sample.labels["le"])
+                        buckets[bound] = buckets.get(bound, 0.0) + sample.value
+        return {"requests": requests, "buckets": buckets}
+
+    def figures(self, before: dict[str, Any], after: dict[str, Any]) -> Figures:
+        counts = {code: value - before["requests"].get(code, 0.0) for code, value in after["requests"].items()}
+        total = int(sum(counts.values()))
+        errors = int(total - counts.get("OK", 0.0))
+        buckets = sorted(
+            (bound, value - before["buckets"].get(bound, 0.0)) for bound, value in after["buckets"].items()
+        )
+        answered = buckets[-1][1] if buckets else 0.0
+        p99 = next((bound for bound, count in buckets if count >= 0.99 * answered), None) if answered else None
+        return Figures(total, errors, p99 if p99 is None or p99 != float("inf") else None)
+
+
 def build(settings: AutomationSettings) -> ServiceRuntime:
     """Everything the automation service runs: database, outbox, the gRPC server, the triggers."""
     if settings.workers != 1:
@@ -99,6 +169,9 @@ def build(settings: AutomationSettings) -> ServiceRuntime:
         work_dir,
         min_schedule_seconds=settings.min_schedule_seconds,
         log_lines=settings.log_lines,
+        endpoints=DeployedEndpoints(
+            RemoteCalls(DeployerClient(settings.deployer_address, actor="automation"), "deployer")
+        ),
     )
     automation.interrupted()
     runners = ThreadPoolExecutor(max_workers=settings.parallel_runs, thread_name_prefix="retrain")

@@ -22,6 +22,9 @@ class PolicyRow(SQLModel, table=True):
     """JSON object: command, dataset, working_dir, timeout_seconds."""
     evaluation: str
     """JSON object: holdout_dataset, label_column, metric, min_delta."""
+    rollout: str = "{}"
+    """JSON object: endpoint, shadow_seconds, canary_percent, canary_seconds, max_error_rate,
+    max_latency_ratio, min_requests (no endpoint: no rollout)."""
     created_at: float
     last_run_at: float | None = None
 
@@ -46,6 +49,9 @@ class RunRow(SQLModel, table=True):
     promoted: bool = False
     training_metrics: str = "{}"
     log_tail: str = "[]"
+    rollout: str = "none"
+    """none, rolled_out or rolled_back."""
+    rollout_figures: str = "{}"
     started_at: float = Field(index=True)
     finished_at: float | None = None
 

@@ -41,6 +41,15 @@ def spec_from_proto(request: automation_pb2.CreatePolicyRequest) -> domain.Polic
             "metric": evaluation.metric,
             "min_delta": evaluation.min_delta,
         },
+        rollout={
+            "endpoint": request.rollout.endpoint,
+            "shadow_seconds": request.rollout.shadow_seconds,
+            "canary_percent": request.rollout.canary_percent,
+            "canary_seconds": request.rollout.canary_seconds,
+            "max_error_rate": request.rollout.max_error_rate,
+            "max_latency_ratio": request.rollout.max_latency_ratio,
+            "min_requests": request.rollout.min_requests,
+        },
     )
 
 
@@ -51,6 +60,7 @@ def policy_to_proto(view: domain.PolicyView) -> automation_pb2.Policy:
         trigger=automation_pb2.Trigger(**view.trigger),
         training=automation_pb2.Training(**view.training),
         evaluation=automation_pb2.Evaluation(**view.evaluation),
+        rollout=automation_pb2.Rollout(**view.rollout) if view.rollout else None,
         created_at=timestamp(view.created_at),
         last_run_at=timestamp(view.last_run_at) if view.last_run_at else None,
     )
@@ -72,6 +82,8 @@ def run_to_proto(view: domain.RunView) -> automation_pb2.RetrainRun:
         promoted=view.promoted,
         training_metrics=view.training_metrics,
         log_tail=view.log_tail,
+        rollout=view.rollout,
+        rollout_figures=view.rollout_figures,
         started_at=timestamp(view.started_at),
         finished_at=timestamp(view.finished_at) if view.finished_at else None,
     )

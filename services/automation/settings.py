@@ -22,6 +22,9 @@ class AutomationSettings(ServiceSettings):
     registry_address: str = "127.0.0.1:50051"
     """host:port of the registry: datasets come from it, produced versions go to it, aliases move there."""
 
+    deployer_address: str = "127.0.0.1:50054"
+    """host:port of the deployer: staged rollouts of challengers go through it."""
+
     work_dir: Path | None = None
     """Where runs download data and training writes its output; default <home>/automation."""
 

@@ -371,6 +371,20 @@ class ModelPromoted(EventPayload):
     champion_score: float | None = None
 
 
+class ModelRolledBack(EventPayload):
+    """A retrain run's challenger failed its staged rollout: traffic returned to the serving
+    deployment, the challenger's deployment was removed, the champion alias did not move."""
+
+    kind: ClassVar[str] = "model.rolled_back"
+    name: str
+    version: int
+    endpoint: str
+    reason: str
+    run_id: str
+    figures: dict[str, float] = Field(default_factory=dict)
+    """Requests, error rates and p99 latencies of both deployments during the phases."""
+
+
 class DriftEvent(EventPayload):
     """What drift.* events say; the counterparts of Azure's DatasetDriftDetected fields are noted."""
 

@@ -10,89 +10,30 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import nats
-import numpy as np
-import pandas as pd
 import pytest
-from sklearn.datasets import load_breast_cancer
 from typer.testing import CliRunner
 
 from services._proto.mlmesh.v1 import automation_pb2
 from services.cli import app
-from services.client import AutomationClient, MeshError, RegistryClient
-from services.common import events, natsserver
-from tests.conftest import RegistryProcess, clean_environment, spawn_service, stop_process, stream_events
+from services.client import MeshError, RegistryClient
+from services.common import events
+from tests.automation.conftest import ROOT, TRAIN, AutomationProcess, policy, running_automation
+from tests.conftest import RegistryProcess, stream_events
 
 SERVICE = "mlmesh.v1.AutomationService"
-TRAIN = str(Path(__file__).with_name("train.py"))
-ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
-
-
-@dataclass
-class AutomationProcess:
-    address: str
-    home: Path
-
-    def client(self) -> AutomationClient:
-        return AutomationClient(self.address)
 
 
 @pytest.fixture(scope="module")
 def automation(
     registry_process: RegistryProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[AutomationProcess]:
-    home = tmp_path_factory.mktemp("automation")
-    port = natsserver.free_port()
-    environment = {
-        **clean_environment(),
-        "MLMESH_HOME": str(home),
-        "MLMESH_NATS_URL": registry_process.nats_url,
-        "MLMESH_AUTOMATION_PORT": str(port),
-        "MLMESH_AUTOMATION_REGISTRY_ADDRESS": registry_process.address,
-        "MLMESH_AUTOMATION_MIN_SCHEDULE_SECONDS": "1",
-        "MLMESH_AUTOMATION_SCHEDULE_TICK_SECONDS": "0.2",
-    }
-    address = f"127.0.0.1:{port}"
-    process = spawn_service("services.automation", environment, home / "automation.log", address, SERVICE)
-    try:
-        yield AutomationProcess(address, home)
-    finally:
-        stop_process(process)
-
-
-@pytest.fixture(scope="module")
-def data(registry_process: RegistryProcess, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """scikit-learn's breast-cancer data, split into a training and a holdout dataset."""
-    loaded = load_breast_cancer()
-    frame = pd.DataFrame(loaded.data.astype(np.float32), columns=[f"f{i}" for i in range(30)])
-    frame["label"] = loaded.target
-    shuffled = frame.sample(frac=1.0, random_state=3)
-    directory = tmp_path_factory.mktemp("data")
-    shuffled.iloc[:400].to_csv(directory / "train.csv", index=False)
-    shuffled.iloc[400:].to_csv(directory / "holdout.csv", index=False)
-    with RegistryClient(registry_process.address) as registry:
-        train = registry.register_dataset("cancer-train", directory / "train.csv")
-        holdout = registry.register_dataset("cancer-holdout", directory / "holdout.csv")
-    return {"train": train.name, "holdout": f"{holdout.name}:{holdout.version}", "dir": str(directory)}
-
-
-def policy(client: AutomationClient, name: str, model: str, kind: str, data: dict[str, str], **extra) -> None:  # type: ignore[no-untyped-def]
-    client.create_policy(
-        name,
-        model,
-        command=[sys.executable, TRAIN, kind],
-        training_dataset=data["train"],
-        holdout_dataset=data["holdout"],
-        label_column="label",
-        metric="accuracy",
-        min_delta=0.01,
-        working_dir=str(ROOT),
-        **extra,
-    )
+    settings = {"min_schedule_seconds": "1", "schedule_tick_seconds": "0.2"}
+    with running_automation(tmp_path_factory.mktemp("automation"), registry_process, **settings) as running:
+        yield running
 
 
 def test_a_better_challenger_is_promoted_and_a_worse_one_is_not(

@@ -4,6 +4,8 @@ metrics.json into $MLMESH_OUTPUT_DIR.
 
     python train.py logistic   # a real model
     python train.py shuffled   # fitted on shuffled labels: a poor challenger
+    python train.py renamed    # a real model whose input is named `features`, not `X`: it scores
+                               # well offline but cannot answer the endpoint's requests
     python train.py fail       # exits 3 after printing why
 """
 
@@ -32,6 +34,10 @@ estimator = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
 estimator.fit(features, labels)
 output = Path(os.environ["MLMESH_OUTPUT_DIR"])
 model = to_onnx(estimator, features[:1], options={id(estimator): {"zipmap": False}})
+if kind == "renamed":
+    model.graph.input[0].name = "features"
+    for node in model.graph.node:
+        node.input[:] = ["features" if name == "X" else name for name in node.input]
 (output / "model.onnx").write_bytes(model.SerializeToString())
 (output / "metrics.json").write_text(json.dumps({"train_accuracy": float(estimator.score(features, labels))}))
 print(f"trained {kind} on {len(frame)} rows (run {os.environ['MLMESH_RUN_ID']})")

@@ -143,6 +143,61 @@ class Evaluation(_message.Message):
 Global___Evaluation: _TypeAlias = Evaluation  # noqa: Y015
 
 @_typing.final
+class Rollout(_message.Message):
+    """A staged rollout of a challenger that won its evaluation: a deployment of it beside the
+    endpoint's serving one gets mirrored copies (shadow), then a share of the traffic (canary), then
+    all of it; the champion alias moves (`model.promoted`) only then. When the challenger answers
+    errors, or slower than the serving deployment allows, it is rolled back (`model.rolled_back`):
+    traffic returns, its deployment goes, the alias stays.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    SHADOW_SECONDS_FIELD_NUMBER: _builtins.int
+    CANARY_PERCENT_FIELD_NUMBER: _builtins.int
+    CANARY_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    MAX_LATENCY_RATIO_FIELD_NUMBER: _builtins.int
+    MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The endpoint whose serving deployment the challenger replaces; empty: no rollout (the alias
+    moves at once).
+    """
+    shadow_seconds: _builtins.float
+    """Seconds of mirrored copies (100%) before the canary; 0: no shadow phase."""
+    canary_percent: _builtins.int
+    """Share of traffic the challenger takes during the canary; default 10."""
+    canary_seconds: _builtins.float
+    """Seconds of canary; default 60."""
+    max_error_rate: _builtins.float
+    """Most errors per request the challenger may answer; default 0.01."""
+    max_latency_ratio: _builtins.float
+    """Most p99 latency as a multiple of the serving deployment's; default 1.5."""
+    min_requests: _builtins.int
+    """Requests the challenger must have answered before it is judged (it waits up to three canary
+    lengths for them); default 20.
+    """
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        shadow_seconds: _builtins.float = ...,
+        canary_percent: _builtins.int = ...,
+        canary_seconds: _builtins.float = ...,
+        max_error_rate: _builtins.float = ...,
+        max_latency_ratio: _builtins.float = ...,
+        min_requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_percent", b"canary_percent", "canary_seconds", b"canary_seconds", "endpoint", b"endpoint", "max_error_rate", b"max_error_rate", "max_latency_ratio", b"max_latency_ratio", "min_requests", b"min_requests", "shadow_seconds", b"shadow_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
+
+@_typing.final
 class Policy(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -153,6 +208,7 @@ class Policy(_message.Message):
     EVALUATION_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     LAST_RUN_AT_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     model: _builtins.str
     """The registered model the policy retrains; its `champion` alias names the current best."""
@@ -166,6 +222,8 @@ class Policy(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_run_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def rollout(self) -> Global___Rollout: ...
     def __init__(
         self,
         *,
@@ -176,10 +234,11 @@ class Policy(_message.Message):
         evaluation: Global___Evaluation | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         last_run_at: _timestamp_pb2.Timestamp | None = ...,
+        rollout: Global___Rollout | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "evaluation", b"evaluation", "last_run_at", b"last_run_at", "training", b"training", "trigger", b"trigger"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "evaluation", b"evaluation", "last_run_at", b"last_run_at", "rollout", b"rollout", "training", b"training", "trigger", b"trigger"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "evaluation", b"evaluation", "last_run_at", b"last_run_at", "model", b"model", "name", b"name", "training", b"training", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "evaluation", b"evaluation", "last_run_at", b"last_run_at", "model", b"model", "name", b"name", "rollout", b"rollout", "training", b"training", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -191,6 +250,26 @@ class RetrainRun(_message.Message):
 
     @_typing.final
     class TrainingMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class RolloutFiguresEntry(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
         KEY_FIELD_NUMBER: _builtins.int
@@ -225,6 +304,8 @@ class RetrainRun(_message.Message):
     LOG_TAIL_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIGURES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     policy: _builtins.str
     model: _builtins.str
@@ -241,6 +322,8 @@ class RetrainRun(_message.Message):
     challenger_score: _builtins.float
     champion_score: _builtins.float
     promoted: _builtins.bool
+    rollout: _builtins.str
+    """none (no rollout), rolled_out or rolled_back."""
     @_builtins.property
     def training_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Metrics the training wrote (metrics.json)."""
@@ -253,6 +336,10 @@ class RetrainRun(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def rollout_figures(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """What the rollout saw: requests, error rates and p99 latencies of both deployments."""
+
     def __init__(
         self,
         *,
@@ -272,10 +359,12 @@ class RetrainRun(_message.Message):
         log_tail: _abc.Iterable[_builtins.str] | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        rollout: _builtins.str = ...,
+        rollout_figures: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenger_score", b"challenger_score", "champion_score", b"champion_score", "champion_version", b"champion_version", "finished_at", b"finished_at", "id", b"id", "log_tail", b"log_tail", "message", b"message", "metric", b"metric", "model", b"model", "policy", b"policy", "produced_version", b"produced_version", "promoted", b"promoted", "started_at", b"started_at", "status", b"status", "training_metrics", b"training_metrics", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenger_score", b"challenger_score", "champion_score", b"champion_score", "champion_version", b"champion_version", "finished_at", b"finished_at", "id", b"id", "log_tail", b"log_tail", "message", b"message", "metric", b"metric", "model", b"model", "policy", b"policy", "produced_version", b"produced_version", "promoted", b"promoted", "rollout", b"rollout", "rollout_figures", b"rollout_figures", "started_at", b"started_at", "status", b"status", "training_metrics", b"training_metrics", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -290,6 +379,7 @@ class CreatePolicyRequest(_message.Message):
     TRIGGER_FIELD_NUMBER: _builtins.int
     TRAINING_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """1-63 lowercase letters, digits and '-', starting with a letter."""
     model: _builtins.str
@@ -299,6 +389,8 @@ class CreatePolicyRequest(_message.Message):
     def training(self) -> Global___Training: ...
     @_builtins.property
     def evaluation(self) -> Global___Evaluation: ...
+    @_builtins.property
+    def rollout(self) -> Global___Rollout: ...
     def __init__(
         self,
         *,
@@ -307,10 +399,11 @@ class CreatePolicyRequest(_message.Message):
         trigger: Global___Trigger | None = ...,
         training: Global___Training | None = ...,
         evaluation: Global___Evaluation | None = ...,
+        rollout: Global___Rollout | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "training", b"training", "trigger", b"trigger"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "rollout", b"rollout", "training", b"training", "trigger", b"trigger"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "model", b"model", "name", b"name", "training", b"training", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "model", b"model", "name", b"name", "rollout", b"rollout", "training", b"training", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
