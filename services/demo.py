@@ -149,8 +149,8 @@ def serving(receiver: Receiver) -> Iterator[str]:
 # ---------------------------------------------------------------- talking to the endpoint
 
 
-def predict(address: str, rows: np.ndarray, input_name: str) -> tuple[list[int], str]:
-    """One OIP ModelInfer call on the endpoint; (labels, the version that answered)."""
+def predict(address: str, rows: np.ndarray, input_name: str) -> str:
+    """One OIP ModelInfer call on the endpoint; the version that answered."""
     import grpc
 
     from services._proto.inference import open_inference_pb2 as oip
@@ -161,11 +161,7 @@ def predict(address: str, rows: np.ndarray, input_name: str) -> tuple[list[int],
     request.raw_input_contents.append(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
     with grpc.insecure_channel(address) as channel:
         answer = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
-    first = answer.outputs[0]
-    labels = np.frombuffer(answer.raw_output_contents[0], dtype=np.int64) if answer.raw_output_contents else []
-    if not len(labels) and first.contents.int64_contents:
-        labels = list(first.contents.int64_contents)
-    return [int(label) for label in labels], answer.model_version
+    return answer.model_version
 
 
 def send(address: str, frame: Any, batch: int = 1) -> tuple[int, Counter[str]]:
@@ -177,7 +173,7 @@ def send(address: str, frame: Any, batch: int = 1) -> tuple[int, Counter[str]]:
     failed, versions = 0, Counter[str]()
     for start in range(0, len(rows), batch):
         try:
-            _, version = predict(address, rows[start : start + batch], name)
+            version = predict(address, rows[start : start + batch], name)
             versions[version] += 1
         except grpc.RpcError:
             failed += 1

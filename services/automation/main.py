@@ -148,9 +148,9 @@ class DeployedEndpoints:
         buckets = sorted(
             (bound, value - before["buckets"].get(bound, 0.0)) for bound, value in after["buckets"].items()
         )
-        answered = buckets[-1][1] if buckets else 0.0
+        answered = buckets[-1][1] if buckets else 0.0  # the +Inf bucket counts every answer
         p99 = next((bound for bound, count in buckets if count >= 0.99 * answered), None) if answered else None
-        return Figures(total, errors, p99 if p99 is None or p99 != float("inf") else None)
+        return Figures(total, errors, None if p99 == float("inf") else p99)
 
 
 def build(settings: AutomationSettings) -> ServiceRuntime:

@@ -339,7 +339,6 @@ class Webhooks:
                     fail_pending(session, row.id)
                 row.enabled = enabled
                 row.disabled_reason = "" if enabled else "disabled by hand"
-                row.failing_since = None
             row.updated_at = time.time()
             session.add(row)
             return webhook_view(row)

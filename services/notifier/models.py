@@ -27,7 +27,6 @@ class WebhookRow(SQLModel, table=True):
     previous_secret_expires_at: float | None = None
     enabled: bool = True
     disabled_reason: str = ""
-    failing_since: float | None = None
     created_at: float = Field(index=True)
     updated_at: float
 
