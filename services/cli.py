@@ -3258,6 +3258,15 @@ def retrain_policy_create(
         ),
     ] = "",
     working_dir: Annotated[str, typer.Option("--working-dir", help="Where the command runs (default: here).")] = "",
+    environment: Annotated[
+        str,
+        typer.Option(
+            "--environment",
+            help="Train in this registered environment (name: its newest version at each run, or name:version; "
+            "`mlmesh env list`): a virtual environment with exactly its lock, made once, first on PATH, so "
+            "the command's `python` is its own. Default: the automation service's own environment.",
+        ),
+    ] = "",
     timeout: Annotated[str, typer.Option("--timeout", help="Longest a training may take (30m, 2h).")] = "1h",
     trigger: Annotated[str, typer.Option("--trigger", help="manual, drift, dataset or schedule.")] = "manual",
     monitor: Annotated[
@@ -3309,6 +3318,7 @@ def retrain_policy_create(
             min_delta=min_delta,
             training_dataset=training_dataset,
             working_dir=directory,
+            environment=environment,
             timeout_seconds=parse_duration(timeout, "--timeout"),
             trigger=trigger,
             monitor=monitor,

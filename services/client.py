@@ -1072,6 +1072,7 @@ class AutomationClient(_ServiceClient):
         min_delta: float = 0.0,
         training_dataset: str = "",
         working_dir: str = "",
+        environment: str = "",
         timeout_seconds: float = 0,
         trigger: str = "manual",
         monitor: str = "",
@@ -1093,6 +1094,7 @@ class AutomationClient(_ServiceClient):
                 dataset=training_dataset,
                 working_dir=working_dir,
                 timeout_seconds=timeout_seconds,
+                environment=environment,
             ),
             evaluation=automation_pb2.Evaluation(
                 holdout_dataset=holdout_dataset, label_column=label_column, metric=metric, min_delta=min_delta

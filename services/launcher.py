@@ -52,6 +52,7 @@ DEPENDENCIES: dict[str, dict[str, str]] = {
     "automation": {
         "MLMESH_AUTOMATION_REGISTRY_ADDRESS": "registry",
         "MLMESH_AUTOMATION_DEPLOYER_ADDRESS": "deployer",
+        "MLMESH_AUTOMATION_BUILDER_ADDRESS": "builder",
     },
     "drift": {
         "MLMESH_DRIFT_REGISTRY_ADDRESS": "registry",

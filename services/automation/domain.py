@@ -29,7 +29,8 @@ SERVICE = "automation"
 CHAMPION = "champion"
 POLICY_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 TRIGGERS = ("manual", "drift", "dataset", "schedule")
-DATASET_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(:[0-9]{1,9})?")
+REGISTERED_REF = re.compile(rf"{REGISTERED_NAME.pattern}(:[0-9]{{1,9}})?")
+"""A dataset or an environment: `name` (its newest version when a run starts) or `name:version`."""
 RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
 MAX_ARGUMENTS = 100
 LATENCY_TOLERANCE_SECONDS = 0.010
@@ -58,6 +59,14 @@ class Registry(Protocol):
 
     def promote(self, model: str, version: int, reason: str) -> int:
         """Move `model@champion` to `version`; the version it named before (0: none)."""
+        ...
+
+
+class Environments(Protocol):
+    """What runs need of the builder (an adapter over services.client.BuilderClient)."""
+
+    def locked(self, ref: str) -> training.LockedEnvironment:
+        """The registered environment `ref` (`name` means its newest version) with its lock."""
         ...
 
 
@@ -174,7 +183,14 @@ def check_policy(spec: PolicySpec, min_schedule_seconds: float) -> PolicySpec:
             field="trigger.schedule_seconds",
         )
     trigger.update(kind=kind, schedule_seconds=seconds)
-    train = {"command": [], "dataset": "", "working_dir": "", "timeout_seconds": 3600.0, **spec.training}
+    train = {
+        "command": [],
+        "dataset": "",
+        "working_dir": "",
+        "timeout_seconds": 3600.0,
+        "environment": "",
+        **spec.training,
+    }
     command = [str(argument) for argument in train["command"]]
     if not command or not command[0]:
         raise InvalidArgument("training.command is required: the program and its arguments", field="training.command")
@@ -183,8 +199,13 @@ def check_policy(spec: PolicySpec, min_schedule_seconds: float) -> PolicySpec:
             f"training.command: at most {MAX_ARGUMENTS} arguments of at most 4096 characters, no NUL",
             field="training.command",
         )
-    if train["dataset"] and not DATASET_REF.fullmatch(train["dataset"]):
+    if train["dataset"] and not REGISTERED_REF.fullmatch(train["dataset"]):
         raise InvalidArgument("training.dataset must be a dataset `name` or `name:version`", field="training.dataset")
+    if train["environment"] and not REGISTERED_REF.fullmatch(train["environment"]):
+        raise InvalidArgument(
+            "training.environment must be a registered environment `name` or `name:version` (`mlmesh env list`)",
+            field="training.environment",
+        )
     if train["working_dir"] and not Path(train["working_dir"]).is_dir():
         raise InvalidArgument(
             f"training.working_dir {train['working_dir'][:200]!r} is not a folder here", field="training.working_dir"
@@ -194,7 +215,7 @@ def check_policy(spec: PolicySpec, min_schedule_seconds: float) -> PolicySpec:
         raise InvalidArgument("training.timeout_seconds must be 1 to 604800", field="training.timeout_seconds")
     train.update(command=command, timeout_seconds=timeout)
     evaluation = {"holdout_dataset": "", "label_column": "", "metric": "accuracy", "min_delta": 0.0, **spec.evaluation}
-    if not DATASET_REF.fullmatch(evaluation["holdout_dataset"] or ""):
+    if not REGISTERED_REF.fullmatch(evaluation["holdout_dataset"] or ""):
         raise InvalidArgument(
             "evaluation.holdout_dataset is required: a dataset `name` or `name:version` both models are scored on",
             field="evaluation.holdout_dataset",
@@ -276,11 +297,15 @@ class Automation:
         min_schedule_seconds: float,
         log_lines: int,
         endpoints: Endpoints | None = None,
+        environments: Environments | None = None,
+        pip_arguments: list[str] | None = None,
     ) -> None:
         self.database = database
         self.outbox = outbox
         self.registry = registry
         self.endpoints = endpoints
+        self.environments = environments
+        self.pip_arguments = pip_arguments or []
         self.work_dir = work_dir
         self.min_schedule_seconds = min_schedule_seconds
         self.log_lines = log_lines
@@ -412,10 +437,11 @@ class Automation:
             environment["MLMESH_TRAINING_DATA"] = str(path)
             datasets.append(resolved)
         working_dir = Path(train["working_dir"] or ".").resolve()
+        python_environment, prepared, environment_ref = self._environment(train)
         trained = training.run_command(
-            train["command"], working_dir, environment, train["timeout_seconds"], self.log_lines
+            train["command"], working_dir, environment, train["timeout_seconds"], self.log_lines, python_environment
         )
-        self._update(run_id, log_tail=json.dumps(trained.log_tail))
+        self._update(run_id, log_tail=json.dumps((prepared + trained.log_tail)[-self.log_lines :]))
         if trained.exit_code is None:
             raise RunFailed(f"the training command ran past its {train['timeout_seconds']:g} s and was stopped")
         if trained.exit_code != 0:
@@ -425,7 +451,14 @@ class Automation:
             raise RunFailed("the training command wrote no model.onnx into $MLMESH_OUTPUT_DIR")
         metrics = training.read_metrics(output_dir)
         git = training.git_lineage(working_dir)
-        lineage = {"run_id": run_id, "experiment": policy.name, "datasets": datasets, "git": git, "parent": champion}
+        lineage = {
+            "run_id": run_id,
+            "experiment": policy.name,
+            "datasets": datasets,
+            "git": git,
+            "parent": champion,
+            "environment": environment_ref,
+        }
         self.registry.record_run(run_id, policy.name, metrics, lineage)
         version = self.registry.register(
             policy.model, output_dir, lineage, f"trained by retrain policy {policy.name} (run {run_id})"
@@ -453,6 +486,24 @@ class Automation:
         if promoted:
             previous = self.registry.promote(policy.model, version, f"retrain run {run_id}: {reason}")
         return self._finish(run_id, COMPLETED, reason, promoted=promoted, previous=previous)
+
+    def _environment(self, train: dict[str, Any]) -> tuple[Path | None, list[str], str]:
+        """(the virtual environment, what making it printed, `name:version`) of the policy's
+        registered environment; (None, [], "") when it trains in the service's own."""
+        ref = train.get("environment", "")
+        if not ref:
+            return None, [], ""
+        if self.environments is None:
+            raise RunFailed("this automation service has no builder (MLMESH_AUTOMATION_BUILDER_ADDRESS)")
+        locked = self.environments.locked(ref)
+        try:
+            folder, printed = training.prepare_environment(
+                locked, self.work_dir / "environments", self.pip_arguments, train["timeout_seconds"], self.log_lines
+            )
+        except training.EnvironmentFailed as error:
+            raise RunFailed(str(error)) from None
+        said = f"environment {locked.ref}: " + (f"made at {folder}" if printed else f"reusing {folder}")
+        return folder, [*printed, said], locked.ref
 
     def _roll_out(self, run_id: str, policy: PolicyView, version: int) -> str:
         """Shadow, canary, then all traffic for the challenger; the reason it was rolled back, or

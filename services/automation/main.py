@@ -20,7 +20,8 @@ from services.automation.models import TABLES, create_tables
 from services.automation.servicer import AutomationServicer
 from services.automation.settings import AutomationSettings
 from services.automation.subscribers import subscribe
-from services.client import DeployerClient, RegistryClient
+from services.automation.training import LockedEnvironment
+from services.client import BuilderClient, DeployerClient, RegistryClient
 from services.common.bus import run_subscribers
 from services.common.db import Database
 from services.common.errors import MlmeshError, NotFound
@@ -67,6 +68,7 @@ class RegistryModels:
                 git=registry_pb2.GitInfo(**git) if git else None,
                 datasets=lineage["datasets"],
                 parent_version=lineage["parent"],
+                environment=lineage["environment"],
             ),
         )
         return int(version.version)
@@ -85,6 +87,17 @@ class RegistryModels:
 
     def promote(self, model: str, version: int, reason: str) -> int:
         return int(self.registry.set_alias(model, CHAMPION, version, reason[:500]).previous_version)
+
+
+class BuilderEnvironments:
+    """What runs need of the builder, over its client."""
+
+    def __init__(self, builder: RemoteCalls) -> None:
+        self.builder = builder
+
+    def locked(self, ref: str) -> LockedEnvironment:
+        found = self.builder.get_environment(ref)
+        return LockedEnvironment(f"{found.name}:{found.version}", found.python_version, found.lock_text)
 
 
 class DeployedEndpoints:
@@ -172,6 +185,10 @@ def build(settings: AutomationSettings) -> ServiceRuntime:
         endpoints=DeployedEndpoints(
             RemoteCalls(DeployerClient(settings.deployer_address, actor="automation"), "deployer")
         ),
+        environments=BuilderEnvironments(
+            RemoteCalls(BuilderClient(settings.builder_address, actor="automation"), "builder")
+        ),
+        pip_arguments=settings.package_index().pip_arguments(),
     )
     automation.interrupted()
     runners = ThreadPoolExecutor(max_workers=settings.parallel_runs, thread_name_prefix="retrain")

@@ -34,6 +34,7 @@ def spec_from_proto(request: automation_pb2.CreatePolicyRequest) -> domain.Polic
             "dataset": train.dataset,
             "working_dir": train.working_dir,
             "timeout_seconds": train.timeout_seconds,
+            "environment": train.environment,
         },
         evaluation={
             "holdout_dataset": evaluation.holdout_dataset,

@@ -7,10 +7,13 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
+from services.common.settings import PackageIndexSettings, ServiceSettings
 
 
-class AutomationSettings(ServiceSettings):
+class AutomationSettings(ServiceSettings, PackageIndexSettings):
+    """The package index (index_url, extra_index_urls, find_links, no_index) is the one pip installs
+    the locks of registered environments from, when a policy trains in one."""
+
     model_config = SettingsConfigDict(env_prefix="MLMESH_AUTOMATION_", extra="ignore", populate_by_name=True)
 
     service_name: str = "automation"
@@ -25,8 +28,12 @@ class AutomationSettings(ServiceSettings):
     deployer_address: str = "127.0.0.1:50054"
     """host:port of the deployer: staged rollouts of challengers go through it."""
 
+    builder_address: str = "127.0.0.1:50052"
+    """host:port of the builder: policies that train in a registered environment get its lock there."""
+
     work_dir: Path | None = None
-    """Where runs download data and training writes its output; default <home>/automation."""
+    """Where runs download data, training writes its output and registered environments are made
+    (each once, then reused); default <home>/automation."""
 
     parallel_runs: int = Field(default=1, ge=1, le=16)
     """Runs that train at the same time at most; more wait their turn."""

@@ -1,15 +1,22 @@
-"""What a run does outside the database: run the training command, read what it wrote, find
-the training code's git commit, and score a model on a holdout dataset."""
+"""What a run does outside the database: prepare the registered environment it trains in, run
+the training command, read what it wrote, find the training code's git commit, and score a model
+on a holdout dataset."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,16 +37,30 @@ class Trained:
 
 
 def run_command(
-    command: list[str], working_dir: Path, environment: dict[str, str], timeout: float, log_lines: int
+    command: list[str],
+    working_dir: Path,
+    environment: dict[str, str],
+    timeout: float,
+    log_lines: int,
+    python_environment: Path | None = None,
 ) -> Trained:
     """Run `command` (no shell) with `environment` added to this process's, keeping the last
-    `log_lines` lines it prints (stdout and stderr together); killed after `timeout` seconds."""
+    `log_lines` lines it prints (stdout and stderr together); killed after `timeout` seconds.
+    With `python_environment` (a virtual environment), the command runs in it: its bin folder
+    comes first on PATH, so `python` and the environment's scripts are its own."""
     started = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=log_lines)
+    variables = {**os.environ, **environment}
+    if python_environment is not None:
+        for inherited in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE"):
+            variables.pop(inherited, None)
+        variables["VIRTUAL_ENV"] = str(python_environment)
+        variables["PATH"] = os.pathsep.join([str(python_environment / "bin"), variables.get("PATH", os.defpath)])
+        variables["PYTHONNOUSERSITE"] = "1"
     process = subprocess.Popen(
         command,
         cwd=working_dir,
-        env={**os.environ, **environment},
+        env=variables,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -61,6 +82,99 @@ def run_command(
         code = None
     reader.join(5)
     return Trained(code, list(tail), time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class LockedEnvironment:
+    """A registered environment as training needs it."""
+
+    ref: str
+    """`name:version`."""
+    python_version: str
+    """`3.11`, say."""
+    lock_text: str
+    """requirements.txt lines `name==version --hash=sha256:...`: every package, pinned to one file."""
+
+
+class EnvironmentFailed(Exception):
+    """The environment could not be made here; the message says why and what to do."""
+
+
+READY = ".mlmesh-ready"
+"""Written into a prepared environment last: a folder without it was left half made."""
+
+
+def prepare_environment(
+    locked: LockedEnvironment, cache: Path, pip_arguments: list[str], timeout: float, log_lines: int
+) -> tuple[Path, list[str]]:
+    """A virtual environment with exactly the packages of `locked`, made under `cache` once and
+    reused by later runs; (its folder, what making it printed, empty when it was reused).
+
+    The environment's Python must be on this machine: this process's own, or `pythonX.Y` on
+    PATH. pip installs the lock with --require-hashes and --no-deps, so nothing outside the lock
+    comes in and every file is the one the lock names.
+
+    Raises:
+        EnvironmentFailed: no such Python here, or venv or pip failed (their last lines say why).
+    """
+    key = hashlib.sha256(f"{locked.python_version}\n{locked.lock_text}".encode()).hexdigest()[:16]
+    folder = cache / f"{locked.ref.replace(':', '-')}-{key}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with _exclusive(cache / f"{folder.name}.lock"):
+        if (folder / READY).is_file():
+            return folder, []
+        shutil.rmtree(folder, ignore_errors=True)  # what an interrupted run left
+        python = _interpreter(locked)
+        lock_file = cache / f"{folder.name}.txt"
+        lock_file.write_text(locked.lock_text)
+        steps = [
+            ("venv", [python, "-m", "venv", str(folder)]),
+            (
+                "pip",
+                [
+                    str(folder / "bin" / "python"),
+                    *("-m", "pip", "install", "--no-deps", "--require-hashes", "--progress-bar", "off"),
+                    *("--disable-pip-version-check", "--no-input", *pip_arguments, "--requirement", str(lock_file)),
+                ],
+            ),
+        ]
+        printed: list[str] = []
+        for name, command in steps:
+            done = run_command(command, cache, {"PIP_REQUIRE_VIRTUALENV": "0"}, timeout, log_lines)
+            printed += done.log_tail
+            if done.exit_code != 0:
+                shutil.rmtree(folder, ignore_errors=True)
+                why = f"ran past its {timeout:g} s" if done.exit_code is None else f"exited with {done.exit_code}"
+                last = "\n".join(done.log_tail[-10:]) or "(it printed nothing)"
+                raise EnvironmentFailed(f"making environment {locked.ref}: {name} {why}:\n{last}")
+        (folder / READY).write_text(locked.lock_text)
+        return folder, printed
+
+
+def _interpreter(locked: LockedEnvironment) -> str:
+    """The Python the environment is for, on this machine."""
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if locked.python_version == running:
+        return sys.executable
+    found = shutil.which(f"python{locked.python_version}")
+    if found is None:
+        raise EnvironmentFailed(
+            f"environment {locked.ref} is for Python {locked.python_version}, and this machine has no "
+            f"python{locked.python_version} on PATH (the automation service runs Python {running}); install it, "
+            f"or register an environment for Python {running}"
+        )
+    return found
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Held by one run at a time, across processes: runs sharing an environment make it once."""
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_metrics(output_dir: Path) -> dict[str, float]:

@@ -28,6 +28,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from services.common.errors import InvalidArgument, MlmeshError, Unavailable
+from services.common.settings import PackageIndex
 
 MAX_REQUIREMENTS = 1000
 MAX_REQUIREMENTS_BYTES = 64 * 1024
@@ -70,29 +71,6 @@ markers.default_environment = lambda: {**host, **target}
 sys.argv = ["pip", *sys.argv[2:]]
 runpy.run_module("pip", run_name="__main__", alter_sys=True)
 """
-
-
-@dataclass(frozen=True)
-class PackageIndex:
-    """Where pip looks for packages; mirrors pip's own options."""
-
-    index_url: str | None = None
-    extra_index_urls: tuple[str, ...] = ()
-    find_links: tuple[str, ...] = ()
-    no_index: bool = False
-
-    def pip_arguments(self) -> list[str]:
-        """pip's command-line options for this index (none for what pip's configuration decides)."""
-        arguments: list[str] = []
-        if self.index_url:
-            arguments += ["--index-url", self.index_url]
-        for url in self.extra_index_urls:
-            arguments += ["--extra-index-url", url]
-        for link in self.find_links:
-            arguments += ["--find-links", link]
-        if self.no_index:
-            arguments.append("--no-index")
-        return arguments
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from services._proto.mlmesh.v1 import builder_pb2, builder_pb2_grpc
 from services.builder.convert import ConversionLimits
 from services.builder.domain import Builder
-from services.builder.environments import PackageIndex
 from services.builder.images import ImageBuilder
 from services.builder.models import TABLES, create_tables
 from services.builder.servicer import BuilderServicer
@@ -26,12 +25,7 @@ def build(settings: BuilderSettings) -> ServiceRuntime:
     database = Database(settings.resolved_database_url(), TABLES)
     create_tables(database)
     outbox = Outbox()
-    index = PackageIndex(
-        index_url=settings.index_url,
-        extra_index_urls=tuple(settings.extra_index_urls),
-        find_links=tuple(settings.find_links),
-        no_index=settings.no_index,
-    )
+    index = settings.package_index()
     work_dir = settings.resolved_work_dir()
     registry = RegistryClient(settings.registry_address, actor="builder", timeout=REGISTRY_TIMEOUT_SECONDS)
     builder = Builder(

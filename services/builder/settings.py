@@ -7,10 +7,13 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
+from services.common.settings import PackageIndexSettings, ServiceSettings
 
 
-class BuilderSettings(ServiceSettings):
+class BuilderSettings(ServiceSettings, PackageIndexSettings):
+    """The package index (index_url, extra_index_urls, find_links, no_index) is the one environments
+    resolve against and images download wheels from."""
+
     model_config = SettingsConfigDict(env_prefix="MLMESH_BUILDER_", extra="ignore", populate_by_name=True)
 
     service_name: str = "builder"
@@ -21,19 +24,6 @@ class BuilderSettings(ServiceSettings):
 
     registry_address: str = "127.0.0.1:50051"
     """host:port of the registry: models are downloaded from it and converted versions registered in it."""
-
-    index_url: str | None = None
-    """Package index that environments resolve against and images download wheels from (pip's --index-url;
-    default: pip's own configuration)."""
-
-    extra_index_urls: list[str] = Field(default_factory=list)
-    """More package indexes (pip's --extra-index-url)."""
-
-    find_links: list[str] = Field(default_factory=list)
-    """Folders or pages of wheels (pip's --find-links)."""
-
-    no_index: bool = False
-    """Use only find_links, never an index (pip's --no-index): for machines without Internet access."""
 
     resolve_timeout_seconds: float = Field(default=300, gt=0)
     """How long pip may take to resolve an environment."""

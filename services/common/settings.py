@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
@@ -79,3 +80,45 @@ class ServiceSettings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.home / f'{self.service_name}.db').resolve()}"
+
+
+@dataclass(frozen=True)
+class PackageIndex:
+    """Where pip looks for packages; mirrors pip's own options."""
+
+    index_url: str | None = None
+    extra_index_urls: tuple[str, ...] = ()
+    find_links: tuple[str, ...] = ()
+    no_index: bool = False
+
+    def pip_arguments(self) -> list[str]:
+        """pip's command-line options for this index (none for what pip's configuration decides)."""
+        arguments: list[str] = []
+        if self.index_url:
+            arguments += ["--index-url", self.index_url]
+        for url in self.extra_index_urls:
+            arguments += ["--extra-index-url", url]
+        for link in self.find_links:
+            arguments += ["--find-links", link]
+        if self.no_index:
+            arguments.append("--no-index")
+        return arguments
+
+
+class PackageIndexSettings(BaseSettings):
+    """The package index of a service that runs pip (with its own MLMESH_<SERVICE>_ prefix)."""
+
+    index_url: str | None = None
+    """Package index pip uses (pip's --index-url; default: pip's own configuration)."""
+
+    extra_index_urls: list[str] = Field(default_factory=list)
+    """More package indexes (pip's --extra-index-url)."""
+
+    find_links: list[str] = Field(default_factory=list)
+    """Folders or pages of wheels (pip's --find-links)."""
+
+    no_index: bool = False
+    """Use only find_links, never an index (pip's --no-index): for machines without Internet access."""
+
+    def package_index(self) -> PackageIndex:
+        return PackageIndex(self.index_url, tuple(self.extra_index_urls), tuple(self.find_links), self.no_index)

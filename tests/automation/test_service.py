@@ -198,6 +198,8 @@ def test_bad_policies_and_calls_get_clear_errors(automation: AutomationProcess, 
             ("ok", "m", {"working_dir": "/no/such/folder"}, "is not a folder"),
             ("ok", "m", {"timeout_seconds": -5}, "timeout_seconds"),
             ("ok", "m", {"training_dataset": "bad ref!"}, "training.dataset"),
+            ("ok", "m", {"environment": "env:1:2"}, "training.environment"),
+            ("ok", "m", {"environment": "../env"}, "training.environment"),
         ]:
             with pytest.raises(MeshError) as refused:
                 client.create_policy(name, model, **{**good, **extra})

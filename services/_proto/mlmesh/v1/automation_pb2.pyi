@@ -80,12 +80,18 @@ class Training(_message.Message):
     DATASET_FIELD_NUMBER: _builtins.int
     WORKING_DIR_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     """A registered dataset: `name` (its newest version at each run) or `name:version`."""
     working_dir: _builtins.str
     """Empty: the automation service's working directory."""
     timeout_seconds: _builtins.float
     """Default 3600."""
+    environment: _builtins.str
+    """A registered environment (`name`, its newest version at each run, or `name:version`) the
+    command runs in: a virtual environment with exactly its lock, made once and reused, first on
+    PATH (so `python` is its own). Empty: the automation service's own environment.
+    """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The command and its arguments, run without a shell in `working_dir`. It finds the training
@@ -101,10 +107,11 @@ class Training(_message.Message):
         dataset: _builtins.str = ...,
         working_dir: _builtins.str = ...,
         timeout_seconds: _builtins.float = ...,
+        environment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "dataset", b"dataset", "timeout_seconds", b"timeout_seconds", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "dataset", b"dataset", "environment", b"environment", "timeout_seconds", b"timeout_seconds", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
