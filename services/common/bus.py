@@ -210,7 +210,8 @@ async def run_subscribers(nats_url: str, name: str, register: Callable[[NatsBrok
         await ensure_stream(connection.jetstream())
     finally:
         await connection.close()
-    broker = NatsBroker(nats_url, max_reconnect_attempts=-1)
+    # FastStream logs every message it receives and handles at log_level: DEBUG, not the service's INFO.
+    broker = NatsBroker(nats_url, max_reconnect_attempts=-1, log_level=logging.DEBUG)
     register(broker)
     await broker.start()
     try:

@@ -68,7 +68,6 @@ class Database:
             if on_file:
                 threading.Thread(
                     target=self._checkpoint_until_disposed,
-                    args=(Path(f"{parsed.database}-wal"),),
                     name="sqlite-checkpoint",
                     daemon=True,
                 ).start()
@@ -130,26 +129,30 @@ class Database:
         table = model.__table__  # type: ignore[attr-defined]
         return sqlite_insert(table) if self.is_sqlite else postgresql_insert(table)
 
-    def _checkpoint_until_disposed(self, wal: Path) -> None:
+    def _checkpoint_until_disposed(self) -> None:
         """Copy the write-ahead log into the database file every second, off the callers'
         threads, so that commits never wait for it (each connection has autocheckpoint off).
-        Under steady writes a PASSIVE checkpoint never catches up with the log's end, so once
-        the log passes WAL_RESTART_BYTES writers wait (in their queue) for one that starts it
-        over."""
+        Under steady writes a PASSIVE checkpoint never catches up with the log's end, so the log
+        never starts over and would grow without end: once it holds WAL_RESTART_BYTES, writers
+        wait (in their queue) for a RESTART checkpoint. The passive round just before has copied
+        all but the last moment's pages, so that wait is short; the next writer then writes the
+        log from its start again (reusing the file: truncating it would take longer)."""
+        page_bytes = 0
         while not self._stopped.wait(CHECKPOINT_SECONDS):
             try:
-                if wal.exists() and wal.stat().st_size > WAL_RESTART_BYTES and self._writer_turn:
+                page_bytes = page_bytes or int(self._pragma("page_size")[0])
+                _, log_pages, _ = self._pragma("wal_checkpoint(PASSIVE)")
+                if log_pages * page_bytes > WAL_RESTART_BYTES and self._writer_turn:
                     with self._writer_turn.paused():
-                        self._checkpoint("TRUNCATE")
-                else:
-                    self._checkpoint("PASSIVE")
+                        self._pragma("wal_checkpoint(RESTART)")
             except Exception as error:  # the next round tries again
                 log.warning("SQLite checkpoint failed: %s", error)
 
-    def _checkpoint(self, mode: str) -> None:
+    def _pragma(self, pragma: str) -> tuple[Any, ...]:
+        """The first row of a PRAGMA; wal_checkpoint answers (busy, pages in the log, pages copied)."""
         connection = self.engine.raw_connection()
         try:
-            connection.driver_connection.execute(f"PRAGMA wal_checkpoint({mode})")  # type: ignore[union-attr]
+            return tuple(connection.driver_connection.execute(f"PRAGMA {pragma}").fetchone())  # type: ignore[union-attr]
         finally:
             connection.close()
 
@@ -212,6 +215,8 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA wal_autocheckpoint=0")  # see Database._checkpoint_until_disposed
+        # When the log starts over, the file is cut back to this size (not to nothing: reused is faster).
+        cursor.execute(f"PRAGMA journal_size_limit={WAL_RESTART_BYTES}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.close()

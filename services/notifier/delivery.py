@@ -238,7 +238,7 @@ class Dispatcher:
             while not self.finished.empty() and len(batch) < RECORD_BATCH:
                 batch.append(self.finished.get_nowait())
             try:
-                verdicts = await self.webhooks.database.run(
+                verdicts = await self.webhooks.database.run_short(
                     self.webhooks.record, [(delivery_id, outcome, at) for delivery_id, _, outcome, at, _ in batch]
                 )
             except Exception as error:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from urllib.parse import urlsplit, urlunsplit
 
+import sqlalchemy as sql
 from sqlalchemy import delete
 from sqlmodel import Session, col, func, select
 
@@ -28,6 +29,21 @@ from services.common.db import Database
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.outbox import Outbox
 from services.notifier.models import AttemptRow, DeliveryRow, EventRow, WebhookRow
+
+# The tables themselves, for the paths every event and attempt take (SQL without ORM objects).
+WEBHOOKS: sql.Table = WebhookRow.__table__  # type: ignore[attr-defined]
+DELIVERIES: sql.Table = DeliveryRow.__table__  # type: ignore[attr-defined]
+ATTEMPTS: sql.Table = AttemptRow.__table__  # type: ignore[attr-defined]
+MOVE_DELIVERY = (
+    sql.update(DELIVERIES)
+    .where(DELIVERIES.c.id == sql.bindparam("delivery"))
+    .values(
+        attempts=sql.bindparam("attempts"),
+        status=sql.bindparam("status"),
+        next_attempt_at=sql.bindparam("next_attempt_at"),
+        delivered_at=sql.bindparam("delivered_at"),
+    )
+)
 
 SERVICE = "notifier"
 PATTERN = re.compile(r"^[a-z0-9*?._-]{1,100}$")
@@ -367,17 +383,27 @@ class Webhooks:
     def take_event(self, event: events.CloudEvent, body: bytes) -> list[Outgoing]:
         """Keep an event and queue one delivery per enabled endpoint whose patterns match it; what
         each new delivery's first attempt sends. An event already kept queues nothing (the stream
-        delivered it again): this makes the consumer idempotent in the same transaction."""
+        delivered it again): this makes the consumer idempotent in the same transaction. Every
+        event passes here, so it speaks SQL directly rather than through ORM objects."""
         now = time.time()
         with self.database.transaction() as session:
-            if session.get(EventRow, event.id) is not None:
+            connection = session.connection()
+            kept = connection.execute(
+                self.database.insert(EventRow)
+                .values(id=event.id, kind=event.kind, time=event_time(event, now), body=body, received_at=now)
+                .on_conflict_do_nothing(index_elements=["id"])
+                .returning(sql.literal_column("1"))
+            ).first()
+            if kept is None:
                 return []
-            session.add(EventRow(id=event.id, kind=event.kind, time=event_time(event, now), body=body, received_at=now))
-            queued = []
-            for row in session.exec(select(WebhookRow).where(col(WebhookRow.enabled))).all():
+            queued, rows = [], []
+            for row in connection.execute(sql.select(WEBHOOKS).where(WEBHOOKS.c.enabled)):
                 if matches(json.loads(row.events), event.kind):
-                    delivery_id = self._queue(session, row.id, event.id, event.kind, "event", now)
+                    delivery_id = str(uuid.uuid4())
+                    rows.append(new_delivery(delivery_id, row.id, event.id, event.kind, "event", 0, now))
                     queued.append(Outgoing(delivery_id, row.id, row.url, event.id, body, signing_keys(row, now)))
+            if rows:
+                connection.execute(sql.insert(DELIVERIES), rows)
             return queued
 
     def redeliver(self, name: str, event_id: str) -> tuple[DeliveryView, Outgoing]:
@@ -453,17 +479,7 @@ class Webhooks:
                 ).one()
                 or 0
             )
-        delivery = DeliveryRow(
-            id=str(uuid.uuid4()),
-            webhook_id=webhook_id,
-            event_id=event_id,
-            event_kind=kind,
-            origin=origin,
-            generation=generation,
-            status=PENDING,
-            next_attempt_at=now,
-            created_at=now,
-        )
+        delivery = DeliveryRow(**new_delivery(str(uuid.uuid4()), webhook_id, event_id, kind, origin, generation, now))
         session.add(delivery)
         return delivery.id
 
@@ -515,36 +531,50 @@ class Webhooks:
     def record(self, attempts: list[tuple[str, Outcome, float]]) -> list[Verdict]:
         """Log attempts (delivery id, outcome, when) and move each delivery on, all in one
         transaction; a verdict that disables an endpoint also fails its other pending deliveries
-        and emits `webhook.disabled`."""
-        verdicts = []
+        and emits `webhook.disabled`. Every attempt passes here: SQL directly, not ORM objects."""
+        verdicts, logged, moved, disabled = [], [], [], []
         with self.database.transaction() as session:
+            connection = session.connection()
             ids = [delivery_id for delivery_id, _, _ in attempts]
-            found = {row.id: row for row in session.exec(select(DeliveryRow).where(col(DeliveryRow.id).in_(ids))).all()}
+            columns = (DELIVERIES.c.status, DELIVERIES.c.attempts, DELIVERIES.c.webhook_id, DELIVERIES.c.event_id)
+            # Each delivery's [status, attempts, endpoint, event], kept current as the batch goes.
+            query = sql.select(DELIVERIES.c.id, *columns).where(DELIVERIES.c.id.in_(ids))
+            found = {row[0]: list(row[1:]) for row in connection.execute(query)}
             for delivery_id, outcome, now in attempts:
                 delivery = found.get(delivery_id)
-                if delivery is None or delivery.status != PENDING:
-                    verdicts.append(Verdict(delivery.status if delivery else FAILED))
+                if delivery is None or delivery[0] != PENDING:
+                    verdicts.append(Verdict(delivery[0] if delivery else FAILED))
                     continue
-                delivery.attempts += 1
-                session.add(
-                    AttemptRow(
-                        delivery_id=delivery_id,
-                        attempted_at=now,
-                        status_code=outcome.status_code,
-                        latency_ms=round(outcome.latency_ms, 3),
-                        response_snippet=outcome.response_snippet[:SNIPPET],
-                        error=outcome.error[:SNIPPET],
-                    )
+                delivery[1] += 1
+                logged.append(
+                    {
+                        "delivery_id": delivery_id,
+                        "attempted_at": now,
+                        "status_code": outcome.status_code,
+                        "latency_ms": round(outcome.latency_ms, 3),
+                        "response_snippet": outcome.response_snippet[:SNIPPET],
+                        "error": outcome.error[:SNIPPET],
+                    }
                 )
-                verdict = judge(outcome, delivery.attempts, self.schedule, now)
-                delivery.status = verdict.status
-                delivery.next_attempt_at = verdict.next_attempt_at
-                if verdict.status == DELIVERED:
-                    delivery.delivered_at = now
-                session.add(delivery)
+                verdict = judge(outcome, delivery[1], self.schedule, now)
+                delivery[0] = verdict.status
+                moved.append(
+                    {
+                        "delivery": delivery_id,
+                        "attempts": delivery[1],
+                        "status": verdict.status,
+                        "next_attempt_at": verdict.next_attempt_at,
+                        "delivered_at": now if verdict.status == DELIVERED else None,
+                    }
+                )
                 if verdict.disabled:
-                    self._disable(session, delivery.webhook_id, verdict.disabled, delivery.event_id)
+                    disabled.append((delivery[2], verdict.disabled, delivery[3]))
                 verdicts.append(verdict)
+            if logged:
+                connection.execute(sql.insert(ATTEMPTS), logged)
+                connection.execute(MOVE_DELIVERY, moved)
+            for webhook_id, reason, event_id in disabled:
+                self._disable(session, webhook_id, reason, event_id)
         return verdicts
 
     def _disable(self, session: Session, webhook_id: str, reason: str, event_id: str) -> None:
@@ -630,11 +660,30 @@ class Webhooks:
 
 def fail_pending(session: Session, webhook_id: str) -> None:
     """Give up the pending deliveries of an endpoint being disabled (a replay sends them again)."""
-    for delivery in session.exec(
-        select(DeliveryRow).where(DeliveryRow.webhook_id == webhook_id, DeliveryRow.status == PENDING)
-    ).all():
-        delivery.status, delivery.next_attempt_at = FAILED, None
-        session.add(delivery)
+    session.connection().execute(
+        sql.update(DELIVERIES)
+        .where(DELIVERIES.c.webhook_id == webhook_id, DELIVERIES.c.status == PENDING)
+        .values(status=FAILED, next_attempt_at=None)
+    )
+
+
+def new_delivery(
+    delivery_id: str, webhook_id: str, event_id: str, kind: str, origin: str, generation: int, now: float
+) -> dict[str, object]:
+    """The columns of a delivery just queued, due at once."""
+    return {
+        "id": delivery_id,
+        "webhook_id": webhook_id,
+        "event_id": event_id,
+        "event_kind": kind,
+        "origin": origin,
+        "generation": generation,
+        "status": PENDING,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+        "delivered_at": None,
+    }
 
 
 def signing_keys(webhook: WebhookRow, now: float) -> tuple[str, ...]:

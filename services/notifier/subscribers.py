@@ -18,7 +18,7 @@ DURABLE = "notifier"
 
 def subscribe(broker: NatsBroker, database: Database, webhooks: Webhooks, dispatcher: Dispatcher) -> None:
     async def deliver(event: CloudEvent) -> None:
-        for outgoing in await database.run(webhooks.take_event, event, event.to_json()):
+        for outgoing in await database.run_short(webhooks.take_event, event, event.to_json()):
             dispatcher.submit(outgoing)
 
     # take_event keeps each event once, in the transaction that queues its deliveries.

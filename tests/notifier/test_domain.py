@@ -5,15 +5,20 @@ from __future__ import annotations
 import time
 
 import pytest
+from sqlmodel import select
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from services.common import events
+from services.common.db import Database
 from services.common.errors import InvalidArgument
+from services.common.outbox import Outbox, OutboxEvent
 from services.notifier.delivery import GuardedResolver, RefusedDestination, literal_problem, sign
 from services.notifier.domain import (
     DELIVERED,
     FAILED,
     PENDING,
     Outcome,
+    Webhooks,
     address_problem,
     check_patterns,
     judge,
@@ -22,6 +27,7 @@ from services.notifier.domain import (
     retry_after,
     shown_url,
 )
+from services.notifier.models import TABLES, create_tables
 
 SCHEDULE = (0.0, 5.0, 300.0)
 
@@ -101,3 +107,51 @@ def test_patterns_and_urls() -> None:
     with pytest.raises(InvalidArgument):
         check_patterns(["model.*", "DROP TABLE"])
     assert shown_url("https://h.example/p?token=secret#x") == "https://h.example/p"
+
+
+def test_events_queue_deliveries_once_and_attempts_move_them_on(database_url: str) -> None:
+    """The paths every event and attempt take, on SQLite and PostgreSQL: an event kept once, a
+    delivery per matching endpoint, attempts logged, 410 disabling the endpoint with its event."""
+    database = Database(database_url, TABLES)
+    create_tables(database)
+    webhooks = Webhooks(
+        database,
+        Outbox(),
+        allowed_hosts=("127.0.0.1",),
+        schedule=SCHEDULE,
+        rotation_seconds=3600,
+        retention_seconds=3600,
+        max_webhooks=10,
+    )
+    try:
+        models, _ = webhooks.create("http://127.0.0.1:9/models", ["model.*"], "")
+        gone, _ = webhooks.create("http://127.0.0.1:9/gone", ["*"], "")
+        webhooks.create("http://127.0.0.1:9/drift", ["drift.*"], "")
+        event = events.make_event("test", events.WebhookDisabled(webhook_id="w", url="u", reason="r"), "s")
+        event = event.model_copy(update={"type": "io.mlmesh.model.registered.v1"})
+        first = webhooks.take_event(event, event.to_json())
+        assert sorted(outgoing.url for outgoing in first) == ["http://127.0.0.1:9/gone", "http://127.0.0.1:9/models"]
+        assert webhooks.take_event(event, event.to_json()) == []  # delivered again by the stream: nothing new
+        by_url = {outgoing.url: outgoing for outgoing in first}
+        now = time.time()
+        verdicts = webhooks.record(
+            [
+                (by_url["http://127.0.0.1:9/models"].delivery_id, Outcome(204, 1.5), now),
+                (by_url["http://127.0.0.1:9/gone"].delivery_id, Outcome(410, 2.0, "gone"), now),
+                ("no-such-delivery", Outcome(200, 1.0), now),
+            ]
+        )
+        assert [verdict.status for verdict in verdicts] == [DELIVERED, FAILED, FAILED]
+        assert verdicts[1].disabled
+        (delivered,) = webhooks.deliveries(models.id, "", "", 10, "")[0]
+        assert delivered.status == DELIVERED and delivered.attempts == 1 and delivered.delivered_at == now
+        assert [(attempt.status_code, attempt.latency_ms) for attempt in delivered.attempt_log] == [(204, 1.5)]
+        assert not webhooks.get(gone.id).enabled
+        with database.session() as session:
+            kinds = [row.subject for row in session.exec(select(OutboxEvent)).all()]
+        assert kinds == ["mlmesh.events.webhook.disabled"]
+        # An attempt recorded again (after a failed commit, say) changes nothing.
+        again = webhooks.record([(by_url["http://127.0.0.1:9/models"].delivery_id, Outcome(500, 1.0), now)])
+        assert again[0].status == DELIVERED
+    finally:
+        database.dispose()
