@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -16,7 +16,7 @@ from services.builder.convert import ConversionOptions
 from services.builder.models import ConversionRow, EnvironmentRow, ImageRow
 from services.common.convert import timestamp
 from services.common.errors import InvalidArgument
-from services.common.server import actor_of
+from services.common.server import Finished, actor_of, reports_of
 
 EXPORT_CHUNK_BYTES = 1024 * 1024
 MAX_PARITY_ROWS = 100_000
@@ -138,15 +138,8 @@ class BuilderServicer(builder_pb2_grpc.BuilderServiceServicer):
         )
 
     async def BuildImage(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        loop = asyncio.get_running_loop()
-        lines: asyncio.Queue[str] = asyncio.Queue()
-
-        def on_log(line: str) -> None:
-            loop.call_soon_threadsafe(lines.put_nowait, line)
-
-        build = asyncio.ensure_future(
-            asyncio.to_thread(
-                self.builder.build_image,
+        def build(on_log: Callable[[str], None]) -> tuple[Any, bool]:
+            return self.builder.build_image(
                 list(request.refs),
                 request.environment,
                 request.base_image,
@@ -155,21 +148,14 @@ class BuilderServicer(builder_pb2_grpc.BuilderServiceServicer):
                 request.push,
                 on_log,
             )
-        )
-        try:
-            while not build.done() or not lines.empty():
-                waiter = asyncio.ensure_future(lines.get())
-                await asyncio.wait({waiter, build}, return_when=asyncio.FIRST_COMPLETED)
-                if waiter.done():
-                    yield builder_pb2.BuildImageResponse(log=waiter.result())
-                else:
-                    waiter.cancel()
-            row, reused = build.result()
-            yield builder_pb2.BuildImageResponse(image=image_to_proto(row, reused))
-        finally:
-            # A caller that goes away does not stop a build half-way: it finishes and is recorded
-            # (and its failure, already an image.failed event, is not reported again as unretrieved).
-            build.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+        # A failed build is already an image.failed event, and a caller that goes away does not stop it.
+        async for item in reports_of(build):
+            if isinstance(item, Finished):
+                row, reused = item.result
+                yield builder_pb2.BuildImageResponse(image=image_to_proto(row, reused))
+            else:
+                yield builder_pb2.BuildImageResponse(log=item)
 
     async def ListImages(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         rows, token = await self._run(self.builder.list_images, request.name, request.page_size, request.page_token)

@@ -14,7 +14,7 @@ import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -31,6 +31,9 @@ from services.common.errors import InvalidArgument, MlmeshError
 from services.common.outbox import Outbox, Relay
 from services.common.settings import ServiceSettings
 
+P = TypeVar("P")
+R = TypeVar("R")
+
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "mlmesh.dev"
@@ -43,6 +46,38 @@ def actor_of(context: grpc.aio.ServicerContext) -> str:
         if key == ACTOR_METADATA and isinstance(value, str):
             return value[:200] or "anonymous"
     return "anonymous"
+
+
+@dataclass(frozen=True)
+class Finished(Generic[R]):
+    """The last item of `reports_of`: what the work returned."""
+
+    result: R
+
+
+async def reports_of(work: Callable[[Callable[[P], None]], R]) -> AsyncIterator[P | Finished[R]]:
+    """Run `work(report)` on a thread and yield each thing it reports as it comes, then
+    Finished(what it returned); its exception is raised after the reports before it. For
+    server-streaming calls that show the progress of long work. A caller that goes away does
+    not stop the work half-way: it finishes (and a failure is not reported as unretrieved)."""
+    loop = asyncio.get_running_loop()
+    reports: asyncio.Queue[P] = asyncio.Queue()
+
+    def report(item: P) -> None:
+        loop.call_soon_threadsafe(reports.put_nowait, item)
+
+    run = asyncio.ensure_future(asyncio.to_thread(work, report))
+    try:
+        while not run.done() or not reports.empty():
+            waiter = asyncio.ensure_future(reports.get())
+            await asyncio.wait({waiter, run}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter.done():
+                yield waiter.result()
+            else:
+                waiter.cancel()
+        yield Finished(run.result())
+    finally:
+        run.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _status_of(error: MlmeshError) -> status_pb2.Status:

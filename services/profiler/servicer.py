@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
@@ -11,6 +10,7 @@ import grpc
 
 from services._proto.mlmesh.v1 import profiler_pb2, profiler_pb2_grpc
 from services.common.convert import timestamp
+from services.common.server import Finished, reports_of
 from services.profiler import domain
 from services.profiler.runtimes import RuntimeSize
 
@@ -87,22 +87,12 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServiceServicer):
         self.profiles = profiles
 
     async def ProfileModel(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue[domain.Progress] = asyncio.Queue()
-
-        def on_progress(progress: domain.Progress) -> None:
-            loop.call_soon_threadsafe(updates.put_nowait, progress)
-
-        # A caller that goes away does not stop the profile half-way: it finishes and is stored.
-        run = asyncio.ensure_future(asyncio.to_thread(self.profiles.profile, spec_from_proto(request), on_progress))
-        while not run.done() or not updates.empty():
-            waiter = asyncio.ensure_future(updates.get())
-            await asyncio.wait({waiter, run}, return_when=asyncio.FIRST_COMPLETED)
-            if waiter.done():
-                yield progress_to_proto(waiter.result())
+        spec = spec_from_proto(request)
+        async for item in reports_of(lambda report: self.profiles.profile(spec, report)):
+            if isinstance(item, Finished):
+                yield profiler_pb2.ProfileModelResponse(profile=profile_to_proto(item.result))
             else:
-                waiter.cancel()
-        yield profiler_pb2.ProfileModelResponse(profile=profile_to_proto(run.result()))
+                yield progress_to_proto(item)
 
     async def GetProfile(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         view = await self.profiles.database.run(self.profiles.get, request.name)
