@@ -45,6 +45,7 @@ from services.client import CollectorClient, MeshError
 from services.collector.domain import parquet_options
 from services.common import bus, natsserver
 from services.launcher import health_status
+from services.profiler import load
 from services.runtime import domain as runtime
 
 FEATURES = 20
@@ -94,11 +95,6 @@ async def fill_stream(nats_url: str, subject: str, messages: list[bytes]) -> Non
         await connection.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure_collector(work: Path, rows_per_request: int, total_rows: int) -> dict[str, Any]:
     requests, _ = captured_requests(total_rows, rows_per_request)
     limit = 1024 * 1024 - 4096  # the runtime's: the server's max_payload less room for headers
@@ -139,7 +135,7 @@ def measure_collector(work: Path, rows_per_request: int, total_rows: int) -> dic
                 raise SystemExit(f"the collector did not start: {(work / 'collector.log').read_text()[-3000:]}")
             time.sleep(0.01)
         serving = time.perf_counter()
-        cpu_before = cpu_seconds(collector.pid)
+        cpu_before = load.cpu_seconds([collector.pid])
         serving_at = time.time()
         committed = 0
         with CollectorClient(address) as client:
@@ -155,7 +151,7 @@ def measure_collector(work: Path, rows_per_request: int, total_rows: int) -> dic
                 if time.perf_counter() - serving > 600:
                     raise SystemExit(f"only {committed} of {total_rows} rows committed after 10 minutes")
             stats = client.stats("bench")
-        cpu = cpu_seconds(collector.pid) - cpu_before
+        cpu = load.cpu_seconds([collector.pid]) - cpu_before
     finally:
         if collector is not None:
             collector.terminate()

@@ -55,6 +55,7 @@ from services.common.blobs import BlobStore
 from services.common.db import Database
 from services.common.outbox import Outbox, OutboxEvent, Relay, pending_count
 from services.common.settings import MeshSettings
+from services.profiler import load
 from services.registry.domain import Registry, SearchQuery, VersionMetadata
 from services.registry.models import TABLES, ModelFile, ModelTag, ModelVersionRow, RegisteredModel
 
@@ -479,21 +480,9 @@ def summarise_profile(path: Path, top: int = 12) -> dict[str, Any]:
     }
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds so far of a process and its children (its worker processes)."""
-
-    def own_and_parent(stat: Path) -> tuple[float, int] | None:
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[1])
-
-    own = own_and_parent(Path(f"/proc/{pid}/stat"))
-    if own is None:
-        return None
-    children = [found for stat in Path("/proc").glob("[0-9]*/stat") if (found := own_and_parent(stat))]
-    return own[0] + sum(seconds for seconds, parent in children if parent == pid)
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds so far of a process and its descendants (its worker processes)."""
+    return load.cpu_seconds(load.process_tree(pid))
 
 
 # ---------------------------------------------------------------- h2load, the load generator
@@ -556,24 +545,14 @@ async def h2load_closed_loop(
 
 
 def _h2load_figures(output: str) -> dict[str, Any]:
-    def number(pattern: str, default: float = 0) -> float:
-        found = re.search(pattern, output)
-        return float(found.group(1)) if found else default
-
+    """The profiler's counts from h2load's summary, and the mean time per request."""
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", output)
     mean_ms = None
     if mean:
         text_value = mean.group(1)
         scale = 1000.0 if text_value.endswith("us") else (1.0 if text_value.endswith("ms") else 1 / 1000)
         mean_ms = round(float(re.sub(r"[a-z]+$", "", text_value)) / scale, 3)
-    return {
-        "succeeded": int(number(r"(\d+) succeeded")),
-        "failed": int(number(r"(\d+) failed")),
-        "errored": int(number(r"(\d+) errored")),
-        "timeout": int(number(r"(\d+) timeout")),
-        "data_bytes": int(number(r"\((\d+)\) data")),
-        "mean_ms": mean_ms,
-    }
+    return {**load.h2load_figures(output), "mean_ms": mean_ms}
 
 
 def check_answer_bytes(result: dict[str, Any], sizes: list[int]) -> None:
