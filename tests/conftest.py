@@ -176,6 +176,39 @@ def registry_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regis
         nats.stop()
 
 
+@dataclass
+class ServiceStart:
+    """A mesh service started by `start_service`."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    environment: dict[str, str]
+    """Everything it was started with (to start it again the same way)."""
+
+
+def start_service(
+    service: str, home: Path, nats_url: str, settings: dict[str, str], port: int = 0, log_level: str = "INFO"
+) -> ServiceStart:
+    """`python -m services.<service>` as `mlmesh up` runs it: MLMESH_HOME `home`, MLMESH_NATS_URL
+    `nats_url` (none when empty), gRPC on `port` (a free one when 0), `settings` as
+    MLMESH_<SERVICE>_<NAME> variables and its log, at `log_level`, in `home`/<service>.log;
+    returns once its gRPC health says SERVING."""
+    port = port or natsserver.free_port()
+    prefix = f"MLMESH_{service.upper()}_"
+    environment = {
+        **clean_environment(),
+        "MLMESH_HOME": str(home),
+        "MLMESH_NATS_URL": nats_url,
+        "MLMESH_LOG_LEVEL": log_level,
+        f"{prefix}PORT": str(port),
+        **{prefix + name.upper(): value for name, value in settings.items()},
+    }
+    address = f"127.0.0.1:{port}"
+    grpc_service = f"mlmesh.v1.{service.capitalize()}Service"
+    process = spawn_service(f"services.{service}", environment, home / f"{service}.log", address, grpc_service)
+    return ServiceStart(process, address, environment)
+
+
 def spawn_registry(
     home: Path, port: int, nats_url: str | None = None, database_url: str = "", workers: int = 1
 ) -> subprocess.Popen[bytes]:

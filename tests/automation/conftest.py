@@ -16,8 +16,7 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 
 from services.client import AutomationClient, RegistryClient
-from services.common import natsserver
-from tests.conftest import RegistryProcess, clean_environment, spawn_service, stop_process
+from tests.conftest import RegistryProcess, start_service, stop_process
 
 TRAIN = str(Path(__file__).with_name("train.py"))
 SERVICE = "mlmesh.v1.AutomationService"
@@ -67,18 +66,8 @@ class AutomationProcess:
 @contextlib.contextmanager
 def running_automation(home: Path, registry: RegistryProcess, **settings: str) -> Iterator[AutomationProcess]:
     """`python -m services.automation` on a free port; `settings` become MLMESH_AUTOMATION_<NAME> variables."""
-    port = natsserver.free_port()
-    environment = {
-        **clean_environment(),
-        "MLMESH_HOME": str(home),
-        "MLMESH_NATS_URL": registry.nats_url,
-        "MLMESH_AUTOMATION_PORT": str(port),
-        "MLMESH_AUTOMATION_REGISTRY_ADDRESS": registry.address,
-        **{f"MLMESH_AUTOMATION_{name.upper()}": value for name, value in settings.items()},
-    }
-    address = f"127.0.0.1:{port}"
-    process = spawn_service("services.automation", environment, home / "automation.log", address, SERVICE)
+    started = start_service("automation", home, registry.nats_url, {"registry_address": registry.address, **settings})
     try:
-        yield AutomationProcess(address, home)
+        yield AutomationProcess(started.address, home)
     finally:
-        stop_process(process)
+        stop_process(started.process)

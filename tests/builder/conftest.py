@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.client import BuilderClient
-from services.common import natsserver
-from tests.conftest import RegistryProcess, clean_environment, spawn_service, stop_process
+from tests.conftest import RegistryProcess, start_service, stop_process
 
 SERVICE = "mlmesh.v1.BuilderService"
 
@@ -34,20 +33,14 @@ def start_builder(home: Path, registry: RegistryProcess, **settings: str) -> Bui
     """`python -m services.builder`; `settings` become MLMESH_BUILDER_<NAME> variables."""
     wheels = home / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    port = natsserver.free_port()
-    environment = {
-        **clean_environment(),
-        "MLMESH_HOME": str(home),
-        "MLMESH_NATS_URL": registry.nats_url,
-        "MLMESH_BUILDER_PORT": str(port),
-        "MLMESH_BUILDER_REGISTRY_ADDRESS": registry.address,
-        "MLMESH_BUILDER_FIND_LINKS": json.dumps([str(wheels)]),
-        "MLMESH_BUILDER_NO_INDEX": "true",
-        **{f"MLMESH_BUILDER_{name.upper()}": value for name, value in settings.items()},
+    options = {
+        "registry_address": registry.address,
+        "find_links": json.dumps([str(wheels)]),
+        "no_index": "true",
+        **settings,
     }
-    address = f"127.0.0.1:{port}"
-    process = spawn_service("services.builder", environment, home / "builder.log", address, SERVICE)
-    return BuilderProcess(address, home, wheels, registry, process)
+    started = start_service("builder", home, registry.nats_url, options)
+    return BuilderProcess(started.address, home, wheels, registry, started.process)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 from services.client import CollectorClient, MeshError
 from services.common import bus, natsserver
 from services.runtime import domain as runtime
-from tests.conftest import RegistryProcess, clean_environment, spawn_service, stop_process
+from tests.conftest import RegistryProcess, spawn_service, start_service, stop_process
 
 SERVICE = "mlmesh.v1.CollectorService"
 # Flushes every 0.2 s; messages unacknowledged by a killed collector come again after 3 s.
@@ -67,18 +67,15 @@ def start_collector(
 ) -> CollectorProcess:
     """`python -m services.collector` consuming the registry's NATS (unless `nats_url` is given);
     `settings` become MLMESH_COLLECTOR_<NAME> variables (after FAST)."""
-    port = natsserver.free_port()
-    environment = {
-        **clean_environment(),
-        "MLMESH_HOME": str(home),
-        "MLMESH_NATS_URL": nats_url or (registry.nats_url if registry else ""),
-        "MLMESH_COLLECTOR_PORT": str(port),
-        "MLMESH_COLLECTOR_REGISTRY_ADDRESS": registry.address if registry else f"127.0.0.1:{natsserver.free_port()}",
-        **{f"MLMESH_COLLECTOR_{name.upper()}": value for name, value in {**FAST, **settings}.items()},
+    options = {
+        "registry_address": registry.address if registry else f"127.0.0.1:{natsserver.free_port()}",
+        **FAST,
+        **settings,
     }
-    address = f"127.0.0.1:{port}"
-    process = spawn_service("services.collector", environment, home / "collector.log", address, SERVICE)
-    return CollectorProcess(address, home, environment["MLMESH_NATS_URL"], environment, process)
+    started = start_service("collector", home, nats_url or (registry.nats_url if registry else ""), options)
+    return CollectorProcess(
+        started.address, home, started.environment["MLMESH_NATS_URL"], started.environment, started.process
+    )
 
 
 def stop_collector(collector: CollectorProcess) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.client import DeployerClient
 from services.common import natsserver
-from tests.conftest import RegistryProcess, clean_environment, spawn_service, stop_process
+from tests.conftest import RegistryProcess, start_service, stop_process
 
 SERVICE = "mlmesh.v1.DeployerService"
 
@@ -30,20 +30,15 @@ def start_deployer(
 ) -> DeployerProcess:
     """`python -m services.deployer` (publishing to the registry's NATS unless `nats_url` is given);
     `settings` become MLMESH_DEPLOYER_<NAME> variables."""
-    environment = {
-        **clean_environment(),
-        "MLMESH_HOME": str(home),
-        "MLMESH_NATS_URL": nats_url or registry.nats_url,
-        "MLMESH_DEPLOYER_PORT": str(port),
-        "MLMESH_DEPLOYER_REGISTRY_ADDRESS": registry.address,
-        "MLMESH_DEPLOYER_RECONCILE_SECONDS": "0.2",
+    options = {
+        "registry_address": registry.address,
+        "reconcile_seconds": "0.2",
         # No builder unless a test starts one: nothing answers on this port.
-        "MLMESH_DEPLOYER_BUILDER_ADDRESS": f"127.0.0.1:{natsserver.free_port()}",
-        **{f"MLMESH_DEPLOYER_{name.upper()}": value for name, value in settings.items()},
+        "builder_address": f"127.0.0.1:{natsserver.free_port()}",
+        **settings,
     }
-    address = f"127.0.0.1:{port}"
-    process = spawn_service("services.deployer", environment, home / "deployer.log", address, SERVICE)
-    return DeployerProcess(address, home, process)
+    started = start_service("deployer", home, nats_url or registry.nats_url, options, port)
+    return DeployerProcess(started.address, home, started.process)
 
 
 def stop_deployer(deployer: DeployerProcess) -> None:

@@ -21,10 +21,9 @@ from typer.testing import CliRunner
 from services._proto.mlmesh.v1 import deployer_pb2
 from services.cli import app
 from services.client import DriftClient, MeshError, RegistryClient
-from services.common import natsserver
 from services.launcher import health_status
 from tests.collector.processes import CollectorProcess, start_collector
-from tests.conftest import RegistryProcess, clean_environment, spawn_service, stop_process, stream_events
+from tests.conftest import RegistryProcess, start_service, stop_process, stream_events
 from tests.deployer.processes import DeployerProcess, running_deployer
 from tests.deployer.test_servicer import wait_for
 from tests.runtime.conftest import register_adder
@@ -70,22 +69,17 @@ def drift(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[DriftProcess]:
     home = tmp_path_factory.mktemp("drift")
-    port = natsserver.free_port()
-    environment = {
-        **clean_environment(),
-        "MLMESH_HOME": str(home),
-        "MLMESH_NATS_URL": registry_process.nats_url,
-        "MLMESH_DRIFT_PORT": str(port),
-        "MLMESH_DRIFT_REGISTRY_ADDRESS": registry_process.address,
-        "MLMESH_DRIFT_COLLECTOR_ADDRESS": collector.address,
-        "MLMESH_DRIFT_DEPLOYER_ADDRESS": deployer.address,
-        "MLMESH_DRIFT_SCHEDULE_TICK_SECONDS": "0.5",
-        "MLMESH_DRIFT_MAX_WINDOW_ROWS": "100000",
+    options = {
+        "registry_address": registry_process.address,
+        "collector_address": collector.address,
+        "deployer_address": deployer.address,
+        "schedule_tick_seconds": "0.5",
+        "max_window_rows": "100000",
     }
-    address = f"127.0.0.1:{port}"
-    process = spawn_service("services.drift", environment, home / "drift.log", address, SERVICE)
+    started = start_service("drift", home, registry_process.nats_url, options)
+    process = started.process
     try:
-        yield DriftProcess(address, home, registry_process.nats_url, process)
+        yield DriftProcess(started.address, home, registry_process.nats_url, process)
     finally:
         stop_process(process)
 

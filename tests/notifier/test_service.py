@@ -18,7 +18,7 @@ from services._proto.mlmesh.v1 import notifier_pb2, notifier_pb2_grpc
 from services.cli import app
 from services.client import MeshError, NotifierClient, RegistryClient
 from services.common import natsserver
-from tests.conftest import RegistryProcess, clean_environment, spawn_service, stop_process, stream_events
+from tests.conftest import RegistryProcess, start_service, stop_process, stream_events
 from tests.notifier.receiver import Answer, Receiver, serving
 
 SERVICE = "mlmesh.v1.NotifierService"
@@ -39,24 +39,17 @@ class NotifierProcess:
 @pytest.fixture(scope="module")
 def notifier(registry_process: RegistryProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NotifierProcess]:
     home = tmp_path_factory.mktemp("notifier")
-    port = natsserver.free_port()
-    environment = {
-        **clean_environment(),
-        "MLMESH_HOME": str(home),
-        "MLMESH_NATS_URL": registry_process.nats_url,
-        "MLMESH_NOTIFIER_PORT": str(port),
-        "MLMESH_NOTIFIER_RETRY_SCHEDULE": SCHEDULE,
-        "MLMESH_NOTIFIER_ALLOWED_HOSTS": "127.0.0.1",
-        "MLMESH_NOTIFIER_SCAN_SECONDS": "0.2",
-        "MLMESH_NOTIFIER_TIMEOUT_SECONDS": "2",
-        # The most a log says: a secret must not reach even the debug lines.
-        "MLMESH_LOG_LEVEL": "DEBUG",
+    options = {
+        "retry_schedule": SCHEDULE,
+        "allowed_hosts": "127.0.0.1",
+        "scan_seconds": "0.2",
+        "timeout_seconds": "2",
     }
-    address = f"127.0.0.1:{port}"
-    log = home / "notifier.log"
-    process = spawn_service("services.notifier", environment, log, address, SERVICE)
+    # The most a log says: a secret must not reach even the debug lines.
+    started = start_service("notifier", home, registry_process.nats_url, options, log_level="DEBUG")
+    process = started.process
     try:
-        yield NotifierProcess(address, home, log)
+        yield NotifierProcess(started.address, home, home / "notifier.log")
     finally:
         stop_process(process)
 

@@ -11,9 +11,8 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as oip
 
 from services.client import ProfilerClient
-from services.common import natsserver
 from services.profiler.load import grpc_frame
-from tests.conftest import RegistryProcess, clean_environment, spawn_service, stop_process
+from tests.conftest import RegistryProcess, start_service, stop_process
 
 SERVICE = "mlmesh.v1.ProfilerService"
 
@@ -31,21 +30,11 @@ class ProfilerProcess:
 @contextlib.contextmanager
 def running_profiler(home: Path, registry: RegistryProcess, **settings: str) -> Iterator[ProfilerProcess]:
     """`python -m services.profiler` on a free port; `settings` become MLMESH_PROFILER_<NAME> variables."""
-    port = natsserver.free_port()
-    environment = {
-        **clean_environment(),
-        "MLMESH_HOME": str(home),
-        "MLMESH_NATS_URL": registry.nats_url,
-        "MLMESH_PROFILER_PORT": str(port),
-        "MLMESH_PROFILER_REGISTRY_ADDRESS": registry.address,
-        **{f"MLMESH_PROFILER_{name.upper()}": value for name, value in settings.items()},
-    }
-    address = f"127.0.0.1:{port}"
-    process = spawn_service("services.profiler", environment, home / "profiler.log", address, SERVICE)
+    started = start_service("profiler", home, registry.nats_url, {"registry_address": registry.address, **settings})
     try:
-        yield ProfilerProcess(address, home, registry.nats_url)
+        yield ProfilerProcess(started.address, home, registry.nats_url)
     finally:
-        stop_process(process)
+        stop_process(started.process)
 
 
 def adder_request(model: str, rows: int = 1) -> bytes:
