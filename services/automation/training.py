@@ -127,20 +127,16 @@ def prepare_environment(
         python = _interpreter(locked)
         lock_file = cache / f"{folder.name}.txt"
         lock_file.write_text(locked.lock_text)
+        pip = [str(folder / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--require-hashes"]
+        pip += ["--progress-bar", "off", "--disable-pip-version-check", "--no-input", *pip_arguments]
+        # pip runs as the training will: inside the environment, nothing of this process's PYTHONPATH.
         steps = [
-            ("venv", [python, "-m", "venv", str(folder)]),
-            (
-                "pip",
-                [
-                    str(folder / "bin" / "python"),
-                    *("-m", "pip", "install", "--no-deps", "--require-hashes", "--progress-bar", "off"),
-                    *("--disable-pip-version-check", "--no-input", *pip_arguments, "--requirement", str(lock_file)),
-                ],
-            ),
+            ("venv", [python, "-m", "venv", str(folder)], None),
+            ("pip", [*pip, "--requirement", str(lock_file)], folder),
         ]
         printed: list[str] = []
-        for name, command in steps:
-            done = run_command(command, cache, {"PIP_REQUIRE_VIRTUALENV": "0"}, timeout, log_lines)
+        for name, command, inside in steps:
+            done = run_command(command, cache, {}, timeout, log_lines, inside)
             printed += done.log_tail
             if done.exit_code != 0:
                 shutil.rmtree(folder, ignore_errors=True)
