@@ -340,7 +340,7 @@ async def in_process_breakdown(model: Model, plan: Plan) -> dict[str, Any]:
             "tensors_from_request, LoadedModel.check, LoadedModel.infer, response_for, Metrics.observed, and "
             "the ServiceInterceptor's wrapping of one call (span and error mapping) around a no-op handler; "
             "capture_per_request = CaptureQueue.offer + capture_messages per request (single rows in messages "
-            "of 256 requests, 1,000-row requests one per message, messages below 1 MiB), and the JSON bytes "
+            "of 256 requests, 1,000-row requests one per message, messages below 1 MiB), and the message bytes "
             "each request adds; "
             "thread_hop = one asyncio.to_thread round trip (floor and runtime both pay it)"
         ),

@@ -187,7 +187,7 @@ class CaptureConsumer:
             if added.malformed_records:
                 self.counters.malformed_records += added.malformed_records
                 log.warning(
-                    "capture message %d on %s: %d requests skipped (%s)",
+                    "capture message %d on %s: %d records skipped (%s)",
                     sequence,
                     message.subject[:200],
                     added.malformed_records,

@@ -1,10 +1,15 @@
 """Captured requests decoded into columns: the runtime's capture messages in, Arrow tables out.
 
-A capture message (subject `mlmesh.capture.<endpoint>.<deployment>`) is
-`{"rows": [{"id", "model", "version", "time", "inputs": [...], "outputs": [...]}, ...]}`, one
-record per request; a request split over several messages has `offset` (its first row) in each
-piece. A tensor is `{"name", "datatype", "shape", "raw"}` with `raw` its little-endian row-major
-bytes in base64, or for BYTES `{"name", "datatype", "shape", "data"}` with a list of strings.
+A capture message (subject `mlmesh.capture.<endpoint>.<deployment>`) is a header line of JSON,
+`{"records": [...]}`, then a binary body (services.common.capture). A record holds consecutive
+requests of one model version with the same tensors, stacked along their first dimension:
+`{"model", "version", "ids", "counts", "bytes", "inputs", "outputs"}`, where `ids` and `counts`
+(each request's rows) have one entry per request and `bytes` is the length of the record's part
+of the body, which follows the previous record's: the requests' times (little-endian float64
+seconds), then each tensor's raw bytes (little-endian, row-major), inputs first. A tensor is
+`{"name", "datatype", "shape"}`; a BYTES tensor carries `data`, a list of strings, in the header
+instead. A request split over several messages is a record of its own in each, with `offset`
+(its piece's first row). A record that cannot be decoded is left out whole and counted.
 
 A captured table has `request_id` (string), `time` (timestamp, microseconds, UTC) and `row`
 (int32: the row's index within its request, counting a piece's offset), then the columns of each
@@ -25,7 +30,6 @@ Nothing here knows about NATS: callers hand over each message's subject, stream 
 
 from __future__ import annotations
 
-import binascii
 import functools
 import itertools
 import json
@@ -37,6 +41,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from services.common import capture
 
 CAPTURE_SUBJECT_PREFIX = "mlmesh.capture."
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
@@ -134,7 +140,9 @@ class _Structure:
     """Per tensor: values per row."""
     is_text: tuple[bool, ...]
     bytes: int
-    """Bytes of a request's tensors (strings counted one byte each): what the buffer holds."""
+    """Bytes of a record's tensors (strings counted one byte each): what the buffer holds."""
+    raw_bytes: int
+    """Bytes of a record's tensors in the message's body (all but BYTES tensors)."""
 
 
 MAX_STRUCTURES = 10_000
@@ -172,21 +180,24 @@ def _structure(key: tuple[tuple[tuple[str, str, tuple[int, ...]], ...], ...]) ->
         is_text.append(dtype is None)
     if len({(direction, name) for direction, name, _, _ in layout}) != len(layout):
         raise MalformedCapture("two inputs, or two outputs, share a name")
-    return _Structure(tuple(layout), max(rows, 0), tuple(sizes), tuple(widths), tuple(is_text), sum(sizes))
+    raw_bytes = sum(size for size, text in zip(sizes, is_text, strict=True) if not text)
+    return _Structure(tuple(layout), max(rows, 0), tuple(sizes), tuple(widths), tuple(is_text), sum(sizes), raw_bytes)
 
 
 @dataclass
 class _Group:
-    """Requests of one partition and one tensor layout, as lists waiting to become columns."""
+    """Records of one partition and one tensor layout, as chunks waiting to become columns."""
 
     request_ids: list[str] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    counts: list[int] = field(default_factory=list)
+    times: list[np.ndarray] = field(default_factory=list)
+    counts: list[np.ndarray] = field(default_factory=list)
+    """Per record: each request's rows."""
     offsets: list[int] = field(default_factory=list)
+    """Per record: the first row of a piece of a split request (0 otherwise)."""
     values: list[list[Any]] = field(default_factory=list)
-    """Per tensor: each request's raw bytes, or list of strings for BYTES."""
+    """Per tensor: each record's raw bytes, or list of strings for BYTES."""
     structures: list[_Structure] = field(default_factory=list)
-    """Each request's structure: its values per row, which list columns need."""
+    """Each record's structure: its rows and values per row, which list columns need."""
     sequences: set[int] = field(default_factory=set)
 
 
@@ -217,12 +228,25 @@ class Added:
     first_error: str = ""
 
 
+@dataclass
+class _Record:
+    """One decoded record: requests of one model version stacked, with their tensors' values."""
+
+    version: str
+    request_ids: list[str]
+    times: np.ndarray
+    counts: np.ndarray
+    offset: int
+    structure: _Structure
+    values: list[Any]
+
+
 # (endpoint, deployment, model version, hour, layout): plain tuples hash faster than dataclasses.
 _GroupKey = tuple[str, str, str, int, Layout]
 
 
 class CaptureBuffer:
-    """Decoded requests waiting for a flush, grouped by partition and tensor layout."""
+    """Decoded records waiting for a flush, grouped by partition and tensor layout."""
 
     def __init__(self) -> None:
         self._groups: dict[_GroupKey, _Group] = {}
@@ -232,41 +256,45 @@ class CaptureBuffer:
         """Stream sequences of the messages that contributed rows."""
 
     def add(self, endpoint: str, deployment: str, sequence: int, payload: bytes) -> Added:
-        """Decode one capture message. Raises MalformedCapture when the message as a whole is not
-        capture JSON; a request that cannot be decoded is left out and counted instead."""
+        """Decode one capture message. Raises MalformedCapture when the message as a whole cannot
+        be read; a record that cannot be decoded is left out and counted instead."""
         try:
-            records = json.loads(payload)["rows"]
+            header, body = capture.split(payload)
+            records = json.loads(header)["records"]
         except (ValueError, TypeError, KeyError) as error:
             raise MalformedCapture(f"not a capture message: {error}") from None
         if not isinstance(records, list):
-            raise MalformedCapture("not a capture message: `rows` is not a list")
+            raise MalformedCapture("not a capture message: `records` is not a list")
+        # Each record's part of the body, by the lengths the records declare.
+        # Something that is not a record has no part: it is counted as a malformed record below.
+        lengths = [record.get("bytes") if type(record) is dict else 0 for record in records]
+        if not set(map(type, lengths)) <= {int} or min(lengths, default=0) < 0 or sum(lengths) != len(body):
+            raise MalformedCapture(
+                f"not a capture message: the records' `bytes` do not add up to the body's {len(body)} bytes"
+            )
+        ends = list(itertools.accumulate(lengths))
         added = Added(0, 0)
-        group: _Group | None = None
-        group_version, group_hour, group_structure = "", -1, None
-        for record in records:
+        for raw, end, length in zip(records, ends, lengths, strict=True):
             try:
-                request_id, version, moment, structure, values = _decode_record(record)
-            except (MalformedCapture, KeyError, TypeError, ValueError, AttributeError, binascii.Error) as error:
+                record = _decode_record(raw, body[end - length : end])
+            except (MalformedCapture, KeyError, TypeError, ValueError, AttributeError) as error:
                 added.malformed_records += 1
                 added.first_error = added.first_error or f"{type(error).__name__}: {error}"
                 continue
-            if not structure.rows:
+            if not record.structure.rows:
                 continue  # no tensors, or no rows: nothing to keep
-            hour = int(moment // HOUR) * HOUR
-            # Requests of one message nearly always share their group: look it up only when not.
-            if group is None or structure is not group_structure or hour != group_hour or version != group_version:
-                group_version, group_hour, group_structure = version, hour, structure
-                group = self._group((endpoint, deployment, version, hour, structure.layout))
+            for hour, part in _by_hour(record):
+                group = self._group((endpoint, deployment, part.version, hour, part.structure.layout))
                 group.sequences.add(sequence)
-            group.request_ids.append(request_id)
-            group.times.append(moment)
-            group.counts.append(structure.rows)
-            group.offsets.append(record.get("offset", 0))
-            group.structures.append(structure)
-            for slot, value in enumerate(values):
-                group.values[slot].append(value)
-            added.rows += structure.rows
-            self.bytes += structure.bytes
+                group.request_ids += part.request_ids
+                group.times.append(part.times)
+                group.counts.append(part.counts)
+                group.offsets.append(part.offset)
+                group.structures.append(part.structure)
+                for slot, value in enumerate(part.values):
+                    group.values[slot].append(value)
+            added.rows += record.structure.rows
+            self.bytes += record.structure.bytes
         if added.rows:
             self.rows += added.rows
             self.sequences.append(sequence)
@@ -290,20 +318,23 @@ class CaptureBuffer:
 _structures: dict[Any, _Structure] = {}
 
 
-def _decode_record(record: dict[str, Any]) -> tuple[str, str, float, _Structure, list[Any]]:
-    """One captured request checked: (id, version, time, its structure, each tensor's bytes or strings).
+def _decode_record(record: dict[str, Any], body: memoryview) -> _Record:
+    """One record checked: its requests' ids, times and rows, and each tensor's bytes (views into
+    the record's part of the body) or strings.
 
-    The hot path of ingest, once per request: what requests with the same tensors share is
-    checked once (_structure) and each request then costs a few lookups.
+    The hot path of ingest, once per record: what records with the same tensors share is checked
+    once (_structure); each request then costs its share of a few list and array operations.
     """
-    request_id, version, moment = record["id"], record["version"], record["time"]
+    version, request_ids, counts = record["version"], record["ids"], record["counts"]
     offset = record.get("offset", 0)
-    if type(request_id) is not str or type(version) is not str or not _valid_version(version):
-        raise MalformedCapture("id and version must be strings, the version a folder name")
-    if type(moment) not in (float, int) or not EARLIEST_TIME <= moment <= LATEST_TIME:
-        raise MalformedCapture(f"time {moment!r} is not seconds since the epoch between 2000 and 2200")
-    if type(offset) is not int or offset < 0:
-        raise MalformedCapture(f"offset {offset!r} is not a row index")
+    if type(version) is not str or not _valid_version(version):
+        raise MalformedCapture("the version must be a string that can name a folder")
+    if type(request_ids) is not list or not request_ids or not set(map(type, request_ids)) <= {str}:
+        raise MalformedCapture("ids must be a list of strings, one per request")
+    if type(counts) is not list or not set(map(type, counts)) <= {int} or len(counts) != len(request_ids):
+        raise MalformedCapture("counts must be a list of row counts, one per request")
+    if type(offset) is not int or offset < 0 or (offset and len(request_ids) != 1):
+        raise MalformedCapture(f"offset {offset!r} is not the first row of a single request's piece")
     inputs, outputs = record["inputs"], record["outputs"]
     key = (
         tuple([(tensor["name"], tensor["datatype"], tuple(tensor["shape"])) for tensor in inputs]),
@@ -315,26 +346,85 @@ def _decode_record(record: dict[str, Any]) -> tuple[str, str, float, _Structure,
         if len(_structures) >= MAX_STRUCTURES:
             _structures.clear()
         _structures[key] = structure
-    values = []
+    try:
+        rows = np.asarray(counts, dtype=np.int64)
+    except OverflowError:
+        raise MalformedCapture("counts must be row counts") from None
+    if rows.min() < 0 or rows.max() > structure.rows or int(rows.sum()) != structure.rows:
+        raise MalformedCapture(f"counts {counts[:10]} do not add up to the tensors' {structure.rows} rows")
+    expected = 8 * len(request_ids) + structure.raw_bytes
+    if len(body) != expected:
+        raise MalformedCapture(f"the record has {len(body)} bytes of body, its requests and tensors need {expected}")
+    times = np.frombuffer(body[: 8 * len(request_ids)], dtype="<f8")
+    if not (times.min() >= EARLIEST_TIME and times.max() <= LATEST_TIME):
+        raise MalformedCapture("times must be seconds since the epoch between 2000 and 2200")
+    values: list[Any] = []
+    start = 8 * len(request_ids)
     for tensor, size, is_text in zip([*inputs, *outputs], structure.sizes, structure.is_text, strict=True):
         if is_text:
             value = tensor["data"]
-            if type(value) is not list or len(value) != size or not all(type(item) is str for item in value):
+            if type(value) is not list or len(value) != size or not set(map(type, value)) <= {str}:
                 raise MalformedCapture(f"tensor {tensor['name']!r}: `data` does not hold {size} strings")
+            values.append(value)
         else:
-            value = binascii.a2b_base64(tensor["raw"])
-            if len(value) != size:
-                raise MalformedCapture(f"tensor {tensor['name']!r}: {len(value)} bytes, not {size}")
-        values.append(value)
-    return request_id, version, moment, structure, values
+            values.append(body[start : start + size])
+            start += size
+    return _Record(version, request_ids, times, rows, offset, structure, values)
+
+
+def _by_hour(record: _Record) -> list[tuple[int, _Record]]:
+    """The record's requests by the hour of their time: nearly always one part, the record itself."""
+    hours = (record.times // HOUR).astype(np.int64) * HOUR
+    first = int(hours[0])
+    if (hours == first).all():
+        return [(first, record)]
+    structure = record.structure
+    starts = np.cumsum(record.counts) - record.counts
+    parts = []
+    for hour in np.unique(hours):
+        chosen = np.flatnonzero(hours == hour)
+        counts = record.counts[chosen]
+        rows = np.concatenate(
+            [np.arange(start, start + count) for start, count in zip(starts[chosen], counts, strict=True)]
+        )
+        values = []
+        for value, size, width in zip(record.values, structure.sizes, structure.widths, strict=True):
+            if isinstance(value, list):
+                values.append([value[row * width + index] for row in rows for index in range(width)])
+            else:
+                per_row = size // structure.rows
+                values.append(np.frombuffer(value, np.uint8).reshape(structure.rows, per_row)[rows].data)
+        part_structure = _structure_of_rows(structure, int(counts.sum()))
+        parts.append(
+            (
+                int(hour),
+                _Record(
+                    record.version,
+                    [record.request_ids[index] for index in chosen],
+                    record.times[chosen],
+                    counts,
+                    record.offset,
+                    part_structure,
+                    values,
+                ),
+            )
+        )
+    return parts
+
+
+def _structure_of_rows(structure: _Structure, rows: int) -> _Structure:
+    """`structure` for `rows` rows instead of its own."""
+    sizes = tuple(size // structure.rows * rows for size in structure.sizes)
+    raw_bytes = sum(size for size, text in zip(sizes, structure.is_text, strict=True) if not text)
+    return _Structure(structure.layout, rows, sizes, structure.widths, structure.is_text, sum(sizes), raw_bytes)
 
 
 def _table(partition: PartitionKey, layout: Layout, group: _Group) -> CapturedTable:
-    counts = np.asarray(group.counts, dtype=np.int64)
+    counts = np.concatenate(group.counts)
     total = int(counts.sum())
-    times = np.asarray(group.times, dtype=np.float64)
+    times = np.concatenate(group.times)
     microseconds = np.round(times * 1e6).astype(np.int64)
-    offsets = np.asarray(group.offsets, dtype=np.int64)
+    offsets = np.repeat(np.asarray(group.offsets, dtype=np.int64), [len(chunk) for chunk in group.counts])
     request_ids = pa.array(group.request_ids, pa.string())
     if total == len(counts):  # one row per request: nothing to repeat
         rows = offsets
@@ -346,11 +436,16 @@ def _table(partition: PartitionKey, layout: Layout, group: _Group) -> CapturedTa
         rows = np.arange(total) - starts[owner] + offsets[owner]
     arrays = [request_ids, pa.array(microseconds, TIME_TYPE), pa.array(rows.astype(np.int32))]
     names = list(FIXED_COLUMNS)
+    record_rows = [structure.rows for structure in group.structures]
     for slot, ((_, _, datatype, form), columns, values) in enumerate(
         zip(layout, column_names(layout), group.values, strict=True)
     ):
-        widths = [structure.widths[slot] for structure in group.structures] if form == LIST_COLUMN else []
-        arrays.extend(_tensor_columns(datatype, form, values, widths, counts, total))
+        widths = (
+            np.repeat([structure.widths[slot] for structure in group.structures], record_rows)
+            if form == LIST_COLUMN
+            else None
+        )
+        arrays.extend(_tensor_columns(datatype, form, values, widths, total))
         names.extend(columns)
     return CapturedTable(
         partition=partition,
@@ -362,9 +457,9 @@ def _table(partition: PartitionKey, layout: Layout, group: _Group) -> CapturedTa
 
 
 def _tensor_columns(
-    datatype: str, form: int, values: list[Any], widths: list[int], counts: np.ndarray, total: int
+    datatype: str, form: int, values: list[Any], row_widths: np.ndarray | None, total: int
 ) -> list[pa.Array]:
-    """One tensor's columns over every request of a group."""
+    """One tensor's columns over every record of a group."""
     dtype, arrow_type = DATATYPES[datatype]
     if dtype is None:
         flat: pa.Array = pa.array(list(itertools.chain.from_iterable(values)), pa.string())
@@ -381,7 +476,7 @@ def _tensor_columns(
         # Column-major copy once, so each column is a contiguous slice Arrow takes without copying.
         by_column = np.ascontiguousarray(numbers.reshape(total, form).T)
         return [pa.array(by_column[index], arrow_type) for index in range(form)]
-    row_widths = np.repeat(np.asarray(widths, dtype=np.int64), counts)
+    assert row_widths is not None
     ends = np.concatenate(([0], np.cumsum(row_widths)))
     if ends[-1] < 2**31:
         return [pa.ListArray.from_arrays(pa.array(ends.astype(np.int32)), flat)]

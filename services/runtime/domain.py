@@ -7,7 +7,6 @@ into `Tensor`s and back, and nothing here knows about gRPC.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import json
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from services.common import capture
 from services.common.errors import InvalidArgument, MlmeshError, NotFound, ResourceExhausted
 
 PLATFORM = "onnx_onnxv1"
@@ -546,67 +546,154 @@ class CaptureMessages:
 
 
 def capture_messages(rows: list[dict[str, Any]], max_bytes: int) -> CaptureMessages:
-    """Pack captured requests into messages of at most `max_bytes`:
-    `{"rows": [{id, model, version, time, inputs, outputs}]}`, each tensor `{name, datatype, shape}`
-    with `raw`, its little-endian row-major bytes in base64 (as OIP's raw contents), or for BYTES
-    `data`, a list of strings. A request too large for one message is split along its first
-    dimension; its pieces carry `offset`, the index of their first row. A request that cannot be
-    split small enough is left out (`too_large`)."""
-    head, tail = b'{"rows":[', b"]}"
-    room = max_bytes - len(head) - len(tail)
+    """Pack captured requests into messages of at most `max_bytes`, in the format of
+    services.common.capture: a header line `{"records": [...]}`, then the binary body. A record
+    holds consecutive requests of one model version whose tensors agree in name, datatype and
+    shape, stacked along the first dimension (the format allows requests of different rows; the
+    runtime stacks only alike ones, the single-row requests of online traffic above all):
+    `{model, version, ids, counts, bytes, inputs, outputs}`, `counts` being each request's rows
+    and `bytes` the length of the record's part of the body: its requests' times (little-endian
+    float64 seconds), then the raw bytes (little-endian, row-major) of each tensor in order. A
+    tensor is `{name, datatype, shape}`; a BYTES tensor carries `data`, a list of strings, in the
+    header instead. A record too large for one message is cut between requests; a single request
+    too large is split along its first dimension, each piece carrying `offset`, the index of its
+    first row. A request that cannot be split small enough is left out (`too_large`)."""
+    head, tail = b'{"records":[', b"]}"
+    room = max_bytes - len(head) - len(tail) - len(capture.HEADER_END)
     messages = CaptureMessages([], [], 0)
     texts: list[str] = []
+    body: list[bytes] = []
     size = completed = 0
-    for row in rows:
-        pieces = _capture_pieces(row, room)
-        if not pieces:
-            messages.too_large += 1
-            continue
-        for index, text in enumerate(pieces):
-            if texts and size + len(text) + 1 > room:
-                messages.payloads.append(head + ",".join(texts).encode() + tail)
-                messages.requests.append(completed)
-                texts, size, completed = [], 0, 0
-            texts.append(text)
-            size += len(text) + 1
-            completed += index == len(pieces) - 1
-    if texts:
-        messages.payloads.append(head + ",".join(texts).encode() + tail)
+
+    def close() -> None:
+        messages.payloads.append(capture.frame(head + ",".join(texts).encode() + tail, body))
         messages.requests.append(completed)
+
+    for run in _capture_runs(rows):
+        records, left_out = _capture_records(run, room)
+        messages.too_large += left_out
+        for record in records:
+            if texts and size + record.size + 1 > room:
+                close()
+                texts, body, size, completed = [], [], 0, 0
+            texts.append(record.text)
+            body += record.body
+            size += record.size + 1
+            completed += record.requests
+    if texts:
+        close()
     return messages
 
 
-def _capture_pieces(row: dict[str, Any], room: int) -> list[str]:
-    """One captured request as JSON texts of at most `room` bytes each (ASCII: one byte a character)."""
-    text = _capture_record(row, row["inputs"], row["outputs"])
-    if len(text) <= room:
-        return [text]
-    tensors = row["inputs"] + row["outputs"]
-    firsts = {tensor.array.shape[0] if tensor.array.ndim else 0 for tensor in tensors}
-    rows = firsts.pop() if len(firsts) == 1 else 0
-    if rows < 2:
-        return []
-    step = max(1, rows * room // (2 * len(text)))
+@dataclass
+class _CaptureRecord:
+    text: str
+    body: list[bytes]
+    requests: int
+    """The requests that this record completes (a piece of a split request but the last: none)."""
+
+    @property
+    def size(self) -> int:
+        return len(self.text) + sum(len(part) for part in self.body)
+
+
+def _capture_runs(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """`rows` cut into runs of consecutive requests that stack into one record: same model
+    version, same tensors of the same shapes, all with the same first dimension. Any other
+    request is a run of its own."""
+    runs: list[list[dict[str, Any]]] = []
+    previous: Any = None
+    stackable = False
+    for row in rows:
+        inputs, outputs = row["inputs"], row["outputs"]
+        key = (row["model"], row["version"], len(inputs), *[(t.name, t.datatype, t.array.shape) for t in inputs])
+        key += tuple([(t.name, t.datatype, t.array.shape) for t in outputs])
+        if key != previous:
+            runs.append([])
+            previous, stackable = key, _stackable(key)
+        elif not stackable:
+            runs.append([])
+        runs[-1].append(row)
+    return runs
+
+
+def _stackable(key: tuple[Any, ...]) -> bool:
+    """Whether requests of `key` (from _capture_runs) stack: their tensors share a first dimension."""
+    firsts = {shape[0] if shape else -1 for _, _, shape in key[3:]}
+    return len(firsts) == 1 and -1 not in firsts
+
+
+def _capture_records(run: list[dict[str, Any]], room: int) -> tuple[list[_CaptureRecord], int]:
+    """A run of requests as records of at most `room` bytes each, and the number of requests left out."""
+    inputs, outputs, counts = _stacked(run)
+    record = _capture_record(run, inputs, outputs, counts)
+    if record.size <= room:
+        return [record], 0
+    if len(run) > 1:
+        step = max(1, len(run) * room // (2 * record.size))
+        records: list[_CaptureRecord] = []
+        left_out = 0
+        for start in range(0, len(run), step):
+            part, part_left_out = _capture_records(run[start : start + step], room)
+            records += part
+            left_out += part_left_out
+        return records, left_out
+    rows = counts[0]
+    if rows < 2 or len({tensor.array.shape[0] if tensor.array.ndim else 0 for tensor in inputs + outputs}) != 1:
+        return [], 1
+    step = max(1, rows * room // (2 * record.size))
     pieces = []
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        cut = [Tensor(t.name, t.datatype, (stop - start, *t.shape[1:]), t.array[start:stop]) for t in tensors]
-        piece = _capture_record(row, cut[: len(row["inputs"])], cut[len(row["inputs"]) :], offset=start)
-        if len(piece) > room:
-            return []
+        cut = [Tensor(t.name, t.datatype, (stop - start, *t.shape[1:]), t.array[start:stop]) for t in inputs + outputs]
+        piece = _capture_record(run, cut[: len(inputs)], cut[len(inputs) :], [stop - start], offset=start)
+        if piece.size > room:
+            return [], 1
+        piece.requests = int(stop == rows)
         pieces.append(piece)
-    return pieces
+    return pieces, 0
 
 
-def _capture_record(row: dict[str, Any], inputs: list[Tensor], outputs: list[Tensor], offset: int | None = None) -> str:
-    # Written by hand rather than by json.dumps: base64 needs no escaping, and scanning a
-    # megabyte of it for characters to escape was most of the cost of a large request.
-    head = f'{{"id":{_json_text(row["id"])},"model":{_json_name(row["model"])},"version":{_json_name(row["version"])}'
+def _stacked(run: list[dict[str, Any]]) -> tuple[list[Tensor], list[Tensor], list[int]]:
+    """The tensors of a run's requests stacked along their first dimension, and each one's rows."""
+    first = run[0]
+    tensors = [*first["inputs"], *first["outputs"]]
+    counts = [tensors[0].array.shape[0] if tensors and tensors[0].array.ndim else 0]
+    if len(run) > 1:
+        counts = [row["inputs"][0].array.shape[0] if row["inputs"] else row["outputs"][0].array.shape[0] for row in run]
+        columns = zip(*([*row["inputs"], *row["outputs"]] for row in run), strict=True)
+        stacked = []
+        for tensor, column in zip(tensors, columns, strict=True):
+            array = np.concatenate([each.array for each in column])
+            stacked.append(Tensor(tensor.name, tensor.datatype, array.shape, array))
+        tensors = stacked
+    return tensors[: len(first["inputs"])], tensors[len(first["inputs"]) :], counts
+
+
+def _capture_record(
+    run: list[dict[str, Any]], inputs: list[Tensor], outputs: list[Tensor], counts: list[int], offset: int | None = None
+) -> _CaptureRecord:
+    first = run[0]
+    body = [np.array([row["time"] for row in run], dtype="<f8").tobytes()]
+    tensors_in = ",".join([_capture_tensor(tensor, body) for tensor in inputs])
+    tensors_out = ",".join([_capture_tensor(tensor, body) for tensor in outputs])
+    ids = _json_texts([row["id"] for row in run])
+    text = f'{{"model":{_json_name(first["model"])},"version":{_json_name(first["version"])}'
     if offset is not None:
-        head += f',"offset":{offset}'
-    tensors_in = ",".join(_capture_tensor(tensor) for tensor in inputs)
-    tensors_out = ",".join(_capture_tensor(tensor) for tensor in outputs)
-    return f'{head},"time":{row["time"]!r},"inputs":[{tensors_in}],"outputs":[{tensors_out}]}}'
+        text += f',"offset":{offset}'
+    text += (
+        f',"ids":[{ids}],"counts":[{",".join(map(str, counts))}],"bytes":{sum(len(part) for part in body)},'
+        f'"inputs":[{tensors_in}],"outputs":[{tensors_out}]}}'
+    )
+    return _CaptureRecord(text, body, len(run))
+
+
+def _json_texts(texts: list[str]) -> str:
+    """`texts` as the items of a JSON list, checked for characters to escape all at once."""
+    joined = '","'.join(texts)
+    if joined.isascii() and joined.isprintable() and "\\" not in joined and joined.count('"') == 2 * (len(texts) - 1):
+        return f'"{joined}"'
+    return json.dumps(texts)[1:-1]
 
 
 def _json_text(text: str) -> str:
@@ -623,7 +710,8 @@ def _json_name(text: str) -> str:
     return _json_text(text)
 
 
-def _capture_tensor(tensor: Tensor) -> str:
+def _capture_tensor(tensor: Tensor, body: list[bytes]) -> str:
+    """A tensor's header entry; its raw bytes go to `body` (BYTES travel in the header as strings)."""
     shape = ",".join(str(int(size)) for size in tensor.shape)
     head = f'{{"name":{_json_name(tensor.name)},"datatype":"{tensor.datatype}","shape":[{shape}]'
     if tensor.datatype == "BYTES":
@@ -634,8 +722,8 @@ def _capture_tensor(tensor: Tensor) -> str:
         return f'{head},"data":{json.dumps(data)}}}'
     array = tensor.array
     # tobytes() is row-major whatever the layout; only big-endian data needs its bytes swapped.
-    raw = (array.byteswap() if array.dtype.byteorder == ">" else array).tobytes()
-    return f'{head},"raw":"{base64.b64encode(raw).decode("ascii")}"}}'
+    body.append((array.byteswap() if array.dtype.byteorder == ">" else array).tobytes())
+    return f"{head}}}"
 
 
 # ---------------------------------------------------------------- metrics

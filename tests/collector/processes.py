@@ -4,6 +4,7 @@ runtime publishes them, for the collector's tests (and other services' tests tha
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ import nats
 import numpy as np
 
 from services.client import CollectorClient, MeshError
-from services.common import bus, natsserver
+from services.common import bus, capture, natsserver
 from services.runtime import domain as runtime
 from tests.conftest import RegistryProcess, spawn_service, start_service, stop_process
 
@@ -114,6 +115,22 @@ def datatype_of(array: np.ndarray) -> str:
 def payloads(requests: Sequence[dict[str, Any]], max_bytes: int = 1024 * 1024 - 4096) -> list[bytes]:
     """Capture messages of `requests`, packed (and split) by the runtime's own encoder."""
     return runtime.capture_messages(list(requests), max_bytes).payloads
+
+
+def records_of(payload: bytes) -> list[tuple[dict[str, Any], bytes]]:
+    """The records of a capture message, each with its part of the body."""
+    header, body = capture.split(payload)
+    parts, at = [], 0
+    for record in json.loads(header)["records"]:
+        parts.append((record, bytes(body[at : at + record["bytes"]])))
+        at += record["bytes"]
+    return parts
+
+
+def message_of(records: Sequence[tuple[Any, bytes]]) -> bytes:
+    """A capture message of records (as they are: their `bytes` are not corrected) and their parts of the body."""
+    header = json.dumps({"records": [record for record, _ in records]}).encode()
+    return capture.frame(header, [part for _, part in records])
 
 
 def publish(nats_url: str, subject: str, messages: Sequence[bytes], pause: float = 0.0) -> None:

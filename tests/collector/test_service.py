@@ -35,8 +35,10 @@ from services.launcher import health_status
 from tests.collector.processes import (
     SERVICE,
     CollectorProcess,
+    message_of,
     payloads,
     publish,
+    records_of,
     request,
     start_collector,
     stop_collector,
@@ -239,10 +241,10 @@ def test_a_malformed_capture_message_is_counted_and_skipped_and_the_stream_flows
     collector.wait_for_rows("flow", 10)
     with collector.client() as client:
         before = client.stats("flow").ingest
-    good = json.loads(payloads([request("fine", {"x": features(1, 1)}, {})])[0])["rows"][0]
-    broken = {**good, "id": "broken", "inputs": [{**good["inputs"][0], "shape": [1, 7]}]}
-    publish(collector.nats_url, subject("flow"), [b"\x00 not json", json.dumps({"rows": [broken, good]}).encode()])
-    publish(collector.nats_url, "mlmesh.capture.flow.blue.extra", [json.dumps({"rows": [good]}).encode()])
+    ((good, part),) = records_of(payloads([request("fine", {"x": features(1, 1)}, {})])[0])
+    broken = {**good, "ids": ["broken"], "inputs": [{**good["inputs"][0], "shape": [1, 7]}]}
+    publish(collector.nats_url, subject("flow"), [b"\x00 not json\n", message_of([(broken, part), (good, part)])])
+    publish(collector.nats_url, "mlmesh.capture.flow.blue.extra", [message_of([(good, part)])])
     send_rows(collector.nats_url, "flow", 10, prefix="after")
     collector.wait_for_rows("flow", 21)
     with collector.client() as client:

@@ -6,11 +6,14 @@ retention deletes the oldest files first."""
 from __future__ import annotations
 
 import json
+import math
+import struct
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
 
@@ -19,7 +22,7 @@ from services.collector.models import TABLES
 from services.collector.records import CaptureBuffer, MalformedCapture, parse_subject
 from services.common.db import Database
 from services.common.errors import FailedPrecondition, InvalidArgument
-from tests.collector.processes import payloads, request
+from tests.collector.processes import message_of, payloads, records_of, request
 
 
 def open_collector(folder: Path, database: str = "collector.db", **options: float) -> Collector:
@@ -99,6 +102,58 @@ def test_inputs_and_outputs_sharing_a_name_do_not_collide(tmp_path: Path) -> Non
     assert table.column("output.output.x.1").to_pylist() == [7.0, 8.0]
 
 
+def test_requests_stacked_in_one_record_keep_their_ids_rows_and_hours(tmp_path: Path) -> None:
+    hour = 3600 * (int(time.time()) // 3600)
+    # Alike requests of 2 rows stack into one record, which straddles an hour boundary.
+    names = ("a", "b", "c")
+    moments = {"a": hour - 1.5, "b": hour + 0.25, "c": hour - 0.5}
+    x = {name: np.arange(4, dtype=np.float32).reshape(2, 2) + 10 * index for index, name in enumerate(names)}
+    stacked = [request(name, {"x": x[name]}, {}, moment=moments[name]) for name in names]
+    # Images of other shapes are other records of the same list-column layout.
+    images = [request(f"i{side}", {"image": np.full((1, side, side), side, np.float64)}, {}) for side in (2, 3)]
+    (message,) = payloads(stacked + images)
+    records = records_of(message)
+    assert [(record["ids"], record["counts"]) for record, _ in records] == [
+        (list(names), [2, 2, 2]),
+        (["i2"], [1]),
+        (["i3"], [1]),
+    ]
+    # The format lets a record's requests differ in rows: the same six rows as 1, 2 and 3 of d, e, f.
+    uneven = ({**records[0][0], "ids": ["d", "e", "f"], "counts": [1, 2, 3]}, records[0][1])
+    buffer = CaptureBuffer()
+    assert buffer.add("stack", "blue", 1, message).rows == 8
+    assert buffer.add("stack", "blue", 2, message_of([uneven])).rows == 6
+    collector = open_collector(tmp_path)
+    collector.flush(buffer, "epoch")
+
+    table = table_of(collector, Window("stack", columns=("request_id", "time", "row", "x.0", "x.1")))
+    table = table.filter(pc.is_valid(table.column("x.0")))
+    got = sorted(zip(*(table.column(name).to_pylist() for name in ("request_id", "row", "x.0", "x.1")), strict=True))
+    rows = np.concatenate([x[name] for name in names])
+    owners = [
+        ("a", 0),
+        ("a", 1),
+        ("b", 0),
+        ("b", 1),
+        ("c", 0),
+        ("c", 1),
+        ("d", 0),
+        ("e", 0),
+        ("e", 1),
+        ("f", 0),
+        ("f", 1),
+        ("f", 2),
+    ]
+    assert got == sorted((name, row, *rows[index % 6].tolist()) for index, (name, row) in enumerate(owners))
+    folders = {path.parent.name for path in (tmp_path / "captures").rglob("*.parquet")}
+    assert {f"hour={(hour - 3600) // 3600 % 24:02d}", f"hour={hour // 3600 % 24:02d}"} <= folders
+    before = table.filter(pc.less(table.column("time"), pa.scalar(hour * 10**6, pa.timestamp("us", "UTC"))))
+    assert sorted(set(before.column("request_id").to_pylist())) == ["a", "c", "d", "f"]
+    images_table = table_of(collector, Window("stack", columns=("request_id", "image")))
+    pictures = {r["request_id"]: r["image"] for r in images_table.to_pylist() if r["image"] is not None}
+    assert pictures == {"i2": [2.0] * 4, "i3": [3.0] * 9}
+
+
 def test_a_request_split_over_messages_keeps_its_row_numbers(tmp_path: Path) -> None:
     x = np.arange(3000, dtype=np.float32).reshape(1000, 3)
     # 1,000 rows of 3 floats take 16 KB of base64: the runtime's encoder splits them at 4 KB.
@@ -115,20 +170,44 @@ def test_a_request_split_over_messages_keeps_its_row_numbers(tmp_path: Path) -> 
     assert set(table.column("request_id").to_pylist()) == {"big"}
 
 
-def test_undecodable_requests_are_left_out_and_counted_and_bad_messages_refused() -> None:
-    good = json.loads(payloads([request("good", {"x": np.ones((2, 3), np.float32)}, {})])[0])["rows"][0]
-    short = {**good, "id": "short", "inputs": [{**good["inputs"][0], "raw": good["inputs"][0]["raw"][:8]}]}
-    unknown_type = {**good, "id": "type", "inputs": [{**good["inputs"][0], "datatype": "COMPLEX"}]}
-    ragged = {**good, "id": "ragged", "outputs": [{**good["inputs"][0], "name": "y", "shape": [3, 2]}]}
-    escaping = {**good, "id": "escape", "version": "../../etc"}
-    ancient = {**good, "id": "ancient", "time": -5}
-    not_base64 = {**good, "id": "b64", "inputs": [{**good["inputs"][0], "raw": "%%%%"}]}
-    message = json.dumps({"rows": [good, short, unknown_type, ragged, escaping, ancient, not_base64, 7]}).encode()
+def test_undecodable_records_are_left_out_and_counted_and_bad_messages_refused() -> None:
+    ((good, part),) = records_of(payloads([request("good", {"x": np.ones((2, 3), np.float32)}, {})])[0])
+    x = good["inputs"][0]
+
+    def timed(seconds: float) -> bytes:
+        return struct.pack("<d", seconds) + part[8:]
+
+    bad = [
+        ({**good, "ids": ["short"], "bytes": len(part) - 8}, part[:-8]),
+        ({**good, "ids": ["type"], "inputs": [{**x, "datatype": "COMPLEX"}]}, part),
+        ({**good, "ids": ["ragged"], "outputs": [{**x, "name": "y", "shape": [3, 2]}]}, part),
+        ({**good, "ids": ["wider"], "inputs": [{**x, "shape": [2, 4]}]}, part),  # more bytes than it has
+        ({**good, "ids": ["escape"], "version": "../../etc"}, part),
+        ({**good, "ids": ["ancient"]}, timed(-5)),
+        ({**good, "ids": ["nan"]}, timed(math.nan)),
+        ({**good, "ids": ["count"], "counts": [3]}, part),
+        # Counts that wrap around int64 to the right sum must not make a table of 2**63 rows.
+        (
+            {**good, "ids": ["a", "b", "c"], "counts": [2**63 - 1, 2**63 - 1, 4], "bytes": len(part) + 16},
+            part + part[:16],
+        ),
+        ({**good, "ids": ["one", "two"]}, part),  # two ids, one count
+        ({**good, "ids": [5]}, part),
+        ({**good, "ids": ["a", "b"], "counts": [1, 1], "offset": 4, "bytes": len(part) + 8}, part[:8] + part),
+        (7, b""),
+    ]
+    message = message_of([(good, part), *bad])
     buffer = CaptureBuffer()
     added = buffer.add("bad", "blue", 1, message)
-    assert (added.rows, added.malformed_records) == (2, 7)
+    assert (added.rows, added.malformed_records) == (2, len(bad))
     assert added.first_error
-    for garbage in (b"\xff\x00", b"[]", b'{"rows": 5}', b"{}", b"null"):
+    refused = [
+        *(b"\xff\x00", b"[]\n", b'{"records": 5}\n', b"{}\n", b"null\n"),
+        message_of([(good, part[:-1])]),  # the record says it has more bytes than the body holds
+        message_of([({**good, "bytes": -8}, b""), (good, part + part[:8])]),
+        message_of([({**good, "bytes": "24"}, part)]),
+    ]
+    for garbage in refused:
         with pytest.raises(MalformedCapture):
             buffer.add("bad", "blue", 2, garbage)
     assert buffer.sequences == [1]

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from services._proto.mlmesh.v1 import deployer_pb2
 from services.cli import app
 from services.client import RegistryClient
-from services.common import natsserver
+from services.common import capture, natsserver
 from tests.builder.conftest import BuilderProcess
 from tests.builder.docker_parts import base_image, docker_engine, image_builder
 from tests.conftest import NatsServer, RegistryProcess
@@ -112,7 +112,7 @@ def captured(nats_url: str, subject: str) -> list[dict]:
             found = []
             while True:
                 try:
-                    found.append(json.loads((await subscription.next_msg(timeout=1)).data))
+                    found.append(json.loads(capture.split((await subscription.next_msg(timeout=1)).data)[0]))
                 except TimeoutError:
                     return found
         finally:
@@ -158,8 +158,8 @@ def test_a_docker_deployment_is_built_runs_limited_heals_is_adopted_and_goes(
     while not (messages := captured(bridge_nats.url, f"mlmesh.capture.{ENDPOINT}.blue")):
         assert time.monotonic() < deadline, "nothing was captured"
         time.sleep(1)
-    rows = [row for message in messages for row in message["rows"]]
-    assert {(row["model"], str(row["version"])) for row in rows} == {(ENDPOINT, adder.split(":")[1])}
+    records = [record for message in messages for record in message["records"]]
+    assert {(record["model"], str(record["version"])) for record in records} == {(ENDPOINT, adder.split(":")[1])}
 
     # A killed container is reported and replaced by a new one.
     docker_engine.kill(container["Id"])

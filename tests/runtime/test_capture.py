@@ -4,9 +4,9 @@ holds up or fails a request, even with NATS away."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
+import math
 import time
 
 import grpc
@@ -16,7 +16,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
-from services.common import bus, natsserver
+from services.common import bus, capture, natsserver
 from services.runtime import domain
 from tests.registry.test_models import tiny_onnx
 from tests.runtime.conftest import register_adder, spawn_runtime
@@ -36,10 +36,46 @@ def raw_adder_request(request_id: str, batch: np.ndarray) -> oip.ModelInferReque
     return request
 
 
-def decoded(tensor: dict) -> dict:
-    """A captured tensor with its base64 `raw` bytes turned into a list of numbers."""
-    data = np.frombuffer(base64.b64decode(tensor["raw"]), dtype="<f4").tolist()
-    return {key: value for key, value in tensor.items() if key != "raw"} | {"data": data}
+def captured_requests(payload: bytes) -> list[dict]:
+    """The requests of one capture message taken apart again: each as a record of its own (`id`,
+    `time`, and `offset` for a piece), its tensors' values decoded into `data`."""
+    header, body = capture.split(payload)
+    requests = []
+    at = 0
+    for record in json.loads(header)["records"]:
+        part, at = body[at : at + record["bytes"]], at + record["bytes"]
+        times = np.frombuffer(part[: 8 * len(record["ids"])], "<f8").tolist()
+        values, cursor = [], 8 * len(record["ids"])
+        for tensor in record["inputs"] + record["outputs"]:
+            if "data" in tensor:
+                values.append(tensor["data"])
+                continue
+            dtype = domain.DTYPES[tensor["datatype"]]
+            size = math.prod(tensor["shape"]) * dtype.itemsize
+            values.append(np.frombuffer(part[cursor : cursor + size], dtype).tolist())
+            cursor += size
+        assert cursor == len(part)
+        start = 0
+        for request_id, moment, count in zip(record["ids"], times, record["counts"], strict=True):
+            tensors = []
+            for tensor, data in zip(record["inputs"] + record["outputs"], values, strict=True):
+                width = math.prod(tensor["shape"][1:])
+                tensors.append(
+                    {
+                        "name": tensor["name"],
+                        "datatype": tensor["datatype"],
+                        "shape": [count, *tensor["shape"][1:]],
+                        "data": data[start * width : (start + count) * width],
+                    }
+                )
+            request = {"id": request_id, "model": record["model"], "version": record["version"], "time": moment}
+            request |= {"inputs": tensors[: len(record["inputs"])], "outputs": tensors[len(record["inputs"]) :]}
+            if "offset" in record:
+                request["offset"] = record["offset"]
+            requests.append(request)
+            start += count
+    assert at == len(body)
+    return requests
 
 
 async def test_requests_and_answers_arrive_in_batches_on_the_capture_subject(registry_process, tmp_path):
@@ -58,12 +94,8 @@ async def test_requests_and_answers_arrive_in_batches_on_the_capture_subject(reg
     assert sorted(by_id) == sorted([f"g{n}" for n in range(20)] + [f"r{n}" for n in range(5)])
     row = by_id["g7"]
     assert (row["model"], row["version"]) == ("adder", ref.split(":")[1])
-    assert [decoded(t) for t in row["inputs"]] == [
-        {"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [7, 1, 2]}
-    ]
-    assert [decoded(t) for t in row["outputs"]] == [
-        {"name": "y", "datatype": "FP32", "shape": [1, 3], "data": [8, 2, 3]}
-    ]
+    assert row["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [7, 1, 2]}]
+    assert row["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [1, 3], "data": [8, 2, 3]}]
     assert abs(row["time"] - time.time()) < 120
 
 
@@ -93,11 +125,9 @@ async def test_large_requests_are_packed_below_the_message_limit_and_split_when_
     assert sorted(whole) == sorted(set(batches) - {"huge"}) and len(whole) == len(rows) - len(pieces)
     for request_id, row in whole.items():
         assert "offset" not in row
-        assert np.array_equal(np.array(decoded(row["inputs"][0])["data"]).reshape(1000, 3), batches[request_id])
+        assert np.array_equal(np.array(row["inputs"][0]["data"]).reshape(1000, 3), batches[request_id])
     assert len(pieces) >= 2
-    joined = np.concatenate(
-        [np.array(decoded(p["outputs"][0])["data"]).reshape(p["outputs"][0]["shape"]) for p in pieces]
-    )
+    joined = np.concatenate([np.array(p["outputs"][0]["data"]).reshape(p["outputs"][0]["shape"]) for p in pieces])
     assert np.allclose(joined, batches["huge"] + 1)
     assert [p["offset"] for p in pieces] == [
         sum(p["inputs"][0]["shape"][0] for p in pieces[:i]) for i in range(len(pieces))
@@ -105,7 +135,7 @@ async def test_large_requests_are_packed_below_the_message_limit_and_split_when_
 
 
 async def captured_rows(subject: str, url: str, count: int) -> list[dict]:
-    """The captured records on `subject`, waiting until at least `count` have come."""
+    """The captured requests on `subject`, waiting until at least `count` have come."""
     connection = await nats.connect(url)
     try:
         subscription = await connection.jetstream().subscribe(subject, ordered_consumer=True)
@@ -115,11 +145,11 @@ async def captured_rows(subject: str, url: str, count: int) -> list[dict]:
             while len(rows) < count:
                 message = await subscription.next_msg(timeout=10)
                 assert len(message.data) <= connection.max_payload
-                rows += json.loads(message.data)["rows"]
+                rows += captured_requests(message.data)
                 messages += 1
         with contextlib.suppress(nats.errors.TimeoutError):
             while True:  # and whatever else comes, so that callers see duplicates and extra pieces
-                rows += json.loads((await subscription.next_msg(timeout=0.5)).data)["rows"]
+                rows += captured_requests((await subscription.next_msg(timeout=0.5)).data)
         assert messages < count, "every row came in a message of its own: no batching"
         info = await connection.jetstream().stream_info(bus.CAPTURE_STREAM)
         assert info.config.max_bytes > 0 and info.config.max_age > 0
@@ -153,8 +183,9 @@ async def test_the_queue_never_waits_drops_beyond_its_capacity_and_batches(tmp_p
         await asyncio.wait_for(queue.next_batch(0.01), 0.2)  # nothing left: it waits for rows
     messages = domain.capture_messages(batches[0], 1 << 20)
     assert (messages.requests, messages.too_large) == ([4], 0)
-    message = json.loads(messages.payloads[0])
-    assert decoded(message["rows"][0]["inputs"][0]) == {
+    (record,) = json.loads(capture.split(messages.payloads[0])[0])["records"]  # four requests alike: one record
+    assert (record["ids"], record["counts"]) == ([f"q{n}" for n in range(4)], [1] * 4)
+    assert captured_requests(messages.payloads[0])[0]["inputs"][0] == {
         "name": "x",
         "datatype": "FP32",
         "shape": [1, 3],
@@ -191,11 +222,13 @@ def test_messages_stay_below_the_limit_split_along_rows_and_leave_out_what_canno
     assert messages.too_large == 2
     assert all(len(payload) <= limit for payload in messages.payloads)
     assert sum(messages.requests) == 31
-    records = [record for payload in messages.payloads for record in json.loads(payload)["rows"]]
+    # The small requests are alike: they travel stacked in a few records, not one record each.
+    assert sum(len(json.loads(capture.split(payload)[0])["records"]) for payload in messages.payloads) < 30
+    records = [record for payload in messages.payloads for record in captured_requests(payload)]
     assert [r["id"] for r in records if r["id"].startswith("small")] == [f"small{n}" for n in range(30)]
     pieces = [r for r in records if r["id"] == "split"]
     assert len(pieces) > 2 and [p["offset"] for p in pieces] == sorted(p["offset"] for p in pieces)
-    values = np.concatenate([np.array(decoded(p["inputs"][0])["data"]).reshape(-1, 3) for p in pieces])
+    values = np.concatenate([np.array(p["inputs"][0]["data"]).reshape(-1, 3) for p in pieces])
     assert np.array_equal(values, floats("x", 2000).array)
 
 

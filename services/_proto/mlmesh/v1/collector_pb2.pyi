@@ -324,12 +324,13 @@ class IngestCounters(_message.Message):
     duplicates_skipped: _builtins.int
     """Messages delivered again after their rows had been committed: acknowledged, not stored twice."""
     malformed_messages: _builtins.int
-    """Messages that could not be decoded at all (not capture JSON, or a subject that names no
-    valid endpoint and deployment): logged, counted and acknowledged so the stream flows on.
+    """Messages that could not be decoded at all (no JSON header line, records whose byte lengths
+    do not add up to the body, or a subject that names no valid endpoint and deployment):
+    logged, counted and acknowledged so the stream flows on.
     """
     malformed_records: _builtins.int
-    """Requests left out of otherwise good messages (a tensor whose bytes do not match its shape,
-    an unknown datatype, ...).
+    """Records (one or more stacked requests) left out of otherwise good messages (bytes that do
+    not fill the tensors' shapes, an unknown datatype, ...).
     """
     pending_rows: _builtins.int
     """Rows decoded and waiting for the next flush."""
