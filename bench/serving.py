@@ -466,7 +466,9 @@ def start_floor(workdir: Path, model: Model, version: str, inline: bool) -> Serv
     )
 
 
-async def start_runtime(home: Path, registry_address: str, ref: str, capture_nats_url: str | None) -> Server:
+async def start_runtime(
+    home: Path, registry_address: str, ref: str, capture_nats_url: str | None, name: str = ""
+) -> Server:
     """`python -m services.runtime` serving `ref`, as tests/runtime/conftest.py starts it."""
     port, http_port = natsserver.free_port(), natsserver.free_port()
     environment = {
@@ -481,7 +483,7 @@ async def start_runtime(home: Path, registry_address: str, ref: str, capture_nat
         environment.update(MLMESH_RUNTIME_CAPTURE="true", MLMESH_NATS_URL=capture_nats_url)
     log_path = home / "runtime.log"
     process = spawn([sys.executable, "-m", "services.runtime"], environment, log_path)
-    name = "runtime_capture" if capture_nats_url else "runtime"
+    name = name or ("runtime_capture" if capture_nats_url else "runtime")
     server = Server(
         name,
         f"127.0.0.1:{port}",
@@ -929,11 +931,33 @@ def judge(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
             value = value.get(key) if isinstance(value, dict) else None
         return value if isinstance(value, int | float) else None
 
+    def mean(*values: float | None) -> float | None:
+        return None if None in values else round(sum(values) / len(values), 1)  # type: ignore[arg-type]
+
+    def pair(phase: str, servers: tuple[str, str]) -> dict[str, Any] | None:
+        """Two identical servers as one baseline: their figures, and each round's, averaged."""
+        first, second = entry(phase, servers[0]), entry(phase, servers[1])
+        if first is None or second is None:
+            return None
+        keys = ("per_second", "server_cpu_us_per_call")
+        merged: dict[str, Any] = {key: mean(first.get(key), second.get(key)) for key in keys}
+        merged["rounds"] = [
+            {key: mean(one.get(key), other.get(key)) for key in ("per_second", "other_cpu_percent")}
+            for one, other in zip(first["rounds"], second["rounds"], strict=False)
+        ]
+        return merged
+
     pairs = {
         "runtime_single_row_throughput": ("single_row", "runtime", "floor", ("per_second",), "calls/s"),
         "runtime_single_row_p99": ("single_row", "runtime", "floor", ("latency", "p99_ms"), "ms"),
         "runtime_1000_rows_throughput": ("rows_1000", "runtime", "floor", ("rows_per_second",), "rows/s"),
-        "capture_single_row_throughput": ("single_row", "runtime_capture", "runtime", ("per_second",), "calls/s"),
+        "capture_single_row_throughput": (
+            "single_row",
+            "runtime_capture",
+            ("runtime", "runtime_twin"),
+            ("per_second",),
+            "calls/s",
+        ),
         "router_single_row_throughput": ("single_row", "router", "runtime", ("per_second",), "calls/s"),
     }
     router = results.get("single_row", {}).get("router", {})
@@ -945,7 +969,10 @@ def judge(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
         if name.startswith("router") and isinstance(router, dict) and "skipped" in router:
             verdicts[name] = {"what": what, "skipped": router["skipped"]}
             continue
-        measured_entry, baseline_entry = entry(phase, server), entry(phase, baseline_server)
+        measured_entry = entry(phase, server)
+        baseline_entry = (
+            pair(phase, baseline_server) if isinstance(baseline_server, tuple) else entry(phase, baseline_server)
+        )
         value, baseline = pick(measured_entry, path), pick(baseline_entry, path)
         measured = ratio(value, baseline)
         passed = measured is not None and (measured >= target if comparison == ">=" else measured <= target)
@@ -987,6 +1014,11 @@ def judge(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
                 verdict["other_cpu_percent_during"] = round(sum(others) / len(others), 1)
                 if verdict["other_cpu_percent_during"] > DISTURBED_PERCENT:
                     disturbed.append(name)
+        if isinstance(baseline_server, tuple):
+            # Equal servers measured alike: how far apart the run's noise puts them.
+            twins = [pick(entry(phase, twin), path) for twin in baseline_server]
+            verdict["baseline_is_mean_of"] = list(baseline_server)
+            verdict["twin_ratio"] = ratio(twins[1], twins[0])
         verdicts[name] = verdict
     verdicts["all_pass"] = bool(judged) and all(judged)
     notes = []
@@ -1090,11 +1122,13 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
 
             log.info("starting the servers ...")
             # In this order (reversed every other round) each judged pair runs side by side:
-            # floor and runtime, runtime and runtime_capture; the router comes one later.
+            # floor and runtime, runtime_capture between runtime and runtime_twin; the router last.
             servers.append(start_floor(workdir, model, str(version.version), inline=True))
             servers.append(start_floor(workdir, model, str(version.version), inline=False))
             servers.append(await start_runtime(workdir / "runtime", registry_address, ref, None))
             servers.append(await start_runtime(workdir / "runtime-capture", registry_address, ref, nats_server.url))
+            # The same as `runtime`: capture is judged against both, and their spread shows the noise.
+            servers.append(await start_runtime(workdir / "runtime-twin", registry_address, ref, None, "runtime_twin"))
             if router_available:
                 try:
                     endpoint = await start_endpoint(workdir / "deployer", registry_address, nats_server.url, ref)
@@ -1147,15 +1181,7 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
             for load, _ in loads:
                 log.info("%s requests:", load.name)
                 before = await capture_drained(capturing)
-                if load.rows == 1:
-                    results[load.name] = await run_phase(servers, load, plan, workdir, profiler)
-                else:
-                    # Capture costs large requests so much that it is measured once, on its own,
-                    # after the others (and judged by no target).
-                    others = [server for server in servers if not server.captures]
-                    results[load.name] = await run_phase(others, load, plan, workdir, profiler)
-                    once = Plan(**{**asdict(plan), "rounds": 1})
-                    results[load.name].update(await run_phase([capturing], load, once, workdir, profiler))
+                results[load.name] = await run_phase(servers, load, plan, workdir, profiler)
                 results["capture"][load.name] = capture_report(before, await capture_drained(capturing))
             for phase_name in ("single_row", "rows_1000"):
                 if not router_available:

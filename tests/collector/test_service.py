@@ -158,9 +158,13 @@ def test_runtime_traffic_reaches_parquet_with_the_values_sent(
 # ---------------------------------------------------------------- exactly once
 
 
-def test_sigkill_mid_stream_leaves_every_row_exactly_once(nats_server: NatsServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+def test_sigkill_mid_stream_leaves_every_row_exactly_once(
+    nats_server: NatsServer, tmp_path: Path, database_url: str
+) -> None:
     # Small pulls and flushes: at any moment some messages are decoded, some being flushed, some acked.
-    collector = start_collector(tmp_path / "home", None, nats_server.url, flush_rows="100", fetch_messages="8")
+    options = {"flush_rows": "100", "fetch_messages": "8", "database_url": database_url}
+    collector = start_collector(tmp_path / "home", None, nats_server.url, **options)
     total = 6000
     publisher = threading.Thread(
         target=send_rows, args=(nats_server.url, "steady", total), kwargs={"prefix": "k", "pause": 0.01}

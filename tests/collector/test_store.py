@@ -26,7 +26,8 @@ from tests.collector.processes import message_of, payloads, records_of, request
 
 
 def open_collector(folder: Path, database: str = "collector.db", **options: float) -> Collector:
-    database_handle = Database(f"sqlite:///{folder / database}", TABLES)
+    """A collector on `folder`; `database` is a file name in it (SQLite) or a database URL."""
+    database_handle = Database(database if "://" in database else f"sqlite:///{folder / database}", TABLES)
     database_handle.create_tables()
     collector = Collector(database_handle, folder / "captures", **options)  # type: ignore[arg-type]
     collector.open_store()
@@ -102,7 +103,8 @@ def test_inputs_and_outputs_sharing_a_name_do_not_collide(tmp_path: Path) -> Non
     assert table.column("output.output.x.1").to_pylist() == [7.0, 8.0]
 
 
-def test_requests_stacked_in_one_record_keep_their_ids_rows_and_hours(tmp_path: Path) -> None:
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+def test_requests_stacked_in_one_record_keep_their_ids_rows_and_hours(tmp_path: Path, database_url: str) -> None:
     hour = 3600 * (int(time.time()) // 3600)
     # Alike requests of 2 rows stack into one record, which straddles an hour boundary.
     names = ("a", "b", "c")
@@ -123,7 +125,7 @@ def test_requests_stacked_in_one_record_keep_their_ids_rows_and_hours(tmp_path: 
     buffer = CaptureBuffer()
     assert buffer.add("stack", "blue", 1, message).rows == 8
     assert buffer.add("stack", "blue", 2, message_of([uneven])).rows == 6
-    collector = open_collector(tmp_path)
+    collector = open_collector(tmp_path, database_url)
     collector.flush(buffer, "epoch")
 
     table = table_of(collector, Window("stack", columns=("request_id", "time", "row", "x.0", "x.1")))
@@ -149,6 +151,14 @@ def test_requests_stacked_in_one_record_keep_their_ids_rows_and_hours(tmp_path: 
     assert {f"hour={(hour - 3600) // 3600 % 24:02d}", f"hour={hour // 3600 % 24:02d}"} <= folders
     before = table.filter(pc.less(table.column("time"), pa.scalar(hour * 10**6, pa.timestamp("us", "UTC"))))
     assert sorted(set(before.column("request_id").to_pylist())) == ["a", "c", "d", "f"]
+    # Ground truth joins by request and row, and a label given again replaces the first.
+    assert collector.ingest_labels("stack", [LabelInput("e", 1, number=1), LabelInput("f", 2, number=0)]) == (2, 0)
+    assert collector.ingest_labels("stack", [LabelInput("e", 1, number=5)]) == (1, 1)
+    labelled = table_of(collector, Window("stack", columns=("request_id", "row"), include_labels=True)).to_pylist()
+    assert sorted((r["request_id"], r["row"], r["label"]) for r in labelled if r["label"] is not None) == [
+        ("e", 1, 5.0),
+        ("f", 2, 0.0),
+    ]
     images_table = table_of(collector, Window("stack", columns=("request_id", "image")))
     pictures = {r["request_id"]: r["image"] for r in images_table.to_pylist() if r["image"] is not None}
     assert pictures == {"i2": [2.0] * 4, "i3": [3.0] * 9}
@@ -229,10 +239,11 @@ def test_sequence_ranges_merge_and_answer_membership() -> None:
     assert len(ranges) == 2 and all(number in ranges for number in range(12, 31)) and 11 not in ranges
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 def test_flushes_are_recorded_with_their_sequences_and_a_restart_deletes_what_no_commit_recorded(
-    tmp_path: Path,
+    tmp_path: Path, database_url: str
 ) -> None:
-    collector = open_collector(tmp_path)
+    collector = open_collector(tmp_path, database_url)
     files = collector.flush(buffered("shop", [request(f"r{n}", {"x": np.ones((1, 2))}, {}) for n in range(3)]), "e1")
     (kept,) = files
     assert json.loads(kept.sequences) == [[1, 1]]
@@ -242,7 +253,7 @@ def test_flushes_are_recorded_with_their_sequences_and_a_restart_deletes_what_no
     (folder / ".part-half.tmp").write_bytes(b"half a file")
     (tmp_path / "captures" / "endpoint=gone" / "deployment=x").mkdir(parents=True)
 
-    reopened = open_collector(tmp_path)
+    reopened = open_collector(tmp_path, database_url)
     assert not orphan.exists() and not (folder / ".part-half.tmp").exists()
     assert (tmp_path / "captures" / kept.path).exists()
     assert not (tmp_path / "captures" / "endpoint=gone").exists()
@@ -259,8 +270,9 @@ def test_a_data_folder_that_belongs_to_another_database_is_refused(tmp_path: Pat
     assert next((tmp_path / "captures").rglob("*.parquet"))  # nothing was deleted
 
 
-def test_retention_deletes_the_oldest_files_first_by_age_and_by_size(tmp_path: Path) -> None:
-    collector = open_collector(tmp_path, default_max_age_seconds=0, default_max_bytes=0)
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+def test_retention_deletes_the_oldest_files_first_by_age_and_by_size(tmp_path: Path, database_url: str) -> None:
+    collector = open_collector(tmp_path, database_url, default_max_age_seconds=0, default_max_bytes=0)
     now = time.time()
     ages_in_days = [10, 5, 2, 1]
     for sequence, days in enumerate(ages_in_days, start=1):
