@@ -3,10 +3,10 @@
 Messages are pulled in batches, decoded into a CaptureBuffer off the event loop, and acknowledged
 only after the flush that holds their rows has committed (services.collector.domain). A flush is
 due at `flush_rows` rows, `flush_bytes` of tensors or `flush_seconds` after the first waiting
-message; while it writes, the next messages are decoded into a fresh buffer. A message whose
-stream sequence is already recorded (delivered again after a crash between commit and ack) is
-acknowledged and skipped. A message that cannot be decoded is logged, counted and acknowledged,
-so that it does not hold up the stream.
+message, and at the end of a backlog (full pulls, then one that is not); while it writes, the
+next messages are decoded into a fresh buffer. A message whose stream sequence is already recorded
+(delivered again after a crash between commit and ack) is acknowledged and skipped. A message that
+cannot be decoded is logged, counted and acknowledged, so that it does not hold up the stream.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 DURABLE = "mlmesh-collector"
 RETRY_SECONDS = 1.0
+MAX_FLUSHES = 2
+"""Flushes under way at once: one writes Parquet (without the GIL) while the next builds its tables."""
 
 
 class CaptureConsumer:
@@ -44,9 +46,9 @@ class CaptureConsumer:
         self._buffer = CaptureBuffer()
         self._waiting: dict[int, Any] = {}
         """Stream sequence -> the message to acknowledge once the current buffer is flushed."""
-        self._flushing: dict[int, Any] = {}
-        """The same for the buffer being flushed now."""
-        self._flush_task: asyncio.Task[None] | None = None
+        self._flushing: list[dict[int, Any]] = []
+        """The same for each buffer being flushed now."""
+        self._flush_tasks: list[asyncio.Task[None]] = []
         self._first_waiting_at = 0.0
 
     async def run(self) -> None:
@@ -112,6 +114,7 @@ class CaptureConsumer:
         pulled: asyncio.Queue[list[Any]] = asyncio.Queue(maxsize=1)
         puller = asyncio.create_task(self._pull(subscription, pull, pulled))
         getter: asyncio.Future[list[Any]] | None = None
+        backlog = False
         try:
             while True:
                 wait = self.settings.flush_seconds
@@ -120,10 +123,14 @@ class CaptureConsumer:
                 # A getter that times out is kept for the next round, so no pulled batch is lost.
                 getter = getter or asyncio.ensure_future(pulled.get())
                 done, _ = await asyncio.wait({getter}, timeout=wait)
+                drained = False
                 if done:
                     messages, getter = getter.result(), None
                     await self._take(messages)
-                if self._flush_due():
+                    # Full pulls mean a backlog; the first pull that is not full, its end: what it
+                    # left waiting is flushed at once rather than after flush_seconds.
+                    drained, backlog = backlog and len(messages) < pull, len(messages) >= pull
+                if self._waiting and (drained or self._flush_due()):
                     await self._start_flush()
         finally:
             for task in (puller, getter):
@@ -135,7 +142,7 @@ class CaptureConsumer:
             try:
                 messages = await subscription.fetch(pull, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
-                continue
+                messages = []  # nothing came: the stream is drained, which a backlog's end needs to know
             except Exception as error:  # NATS reconnecting: try again shortly
                 log.warning("fetching captures failed: %s", error)
                 await asyncio.sleep(RETRY_SECONDS)
@@ -148,8 +155,8 @@ class CaptureConsumer:
             sequence = message.metadata.sequence.stream
             if sequence in self._waiting:  # delivered again while its buffer waits: ack the newest copy
                 self._waiting[sequence] = message
-            elif sequence in self._flushing:
-                self._flushing[sequence] = message
+            elif flushing := next((each for each in self._flushing if sequence in each), None):
+                flushing[sequence] = message
             elif sequence in self.recorded:
                 self.counters.duplicates_skipped += 1
                 await _ack(message)
@@ -211,21 +218,23 @@ class CaptureConsumer:
         )
 
     async def _start_flush(self) -> None:
-        """Hand the buffer to a flush of its own (after the previous one finished) and start a new one."""
-        await self._finish_flush()
+        """Hand the buffer to a flush of its own (once fewer than MAX_FLUSHES are under way) and
+        start a new one."""
+        await self._wait_for_flushes(fewer_than=MAX_FLUSHES)
         buffer, self._buffer = self._buffer, CaptureBuffer()
-        self._flushing, self._waiting = self._waiting, {}
+        messages, self._waiting = self._waiting, {}
         self._first_waiting_at = 0.0
         self.counters.pending_rows = 0
-        self._flush_task = asyncio.create_task(self._flush(buffer))
+        self._flushing.append(messages)
+        self._flush_tasks.append(asyncio.create_task(self._flush(buffer, messages)))
 
-    async def _finish_flush(self) -> None:
-        # Shielded: a cancelled consumer still lets a flush under way commit and acknowledge.
-        if self._flush_task is not None:
-            await asyncio.shield(self._flush_task)
-            self._flush_task = None
+    async def _wait_for_flushes(self, fewer_than: int) -> None:
+        while len(self._flush_tasks) >= fewer_than:
+            # Shielded: a cancelled consumer still lets a flush under way commit and acknowledge.
+            await asyncio.shield(self._flush_tasks[0])
+            self._flush_tasks = [task for task in self._flush_tasks if not task.done()]
 
-    async def _flush(self, buffer: CaptureBuffer, retry: bool = True) -> None:
+    async def _flush(self, buffer: CaptureBuffer, messages: dict[int, Any], retry: bool = True) -> None:
         """Commit the buffer, then acknowledge its messages. A failed commit is retried (with
         `retry`): the messages stay unacknowledged meanwhile, and redeliveries find them waiting."""
         started = time.monotonic()
@@ -240,7 +249,7 @@ class CaptureConsumer:
                 await asyncio.sleep(RETRY_SECONDS)
         # Recorded before the messages leave `_flushing`, so a redelivery always finds one or the other.
         self.recorded.add(buffer.sequences)
-        messages, self._flushing = self._flushing, {}
+        self._flushing = [each for each in self._flushing if each is not messages]
         for message in messages.values():
             await _ack(message)
         self.counters.rows_written += buffer.rows
@@ -258,11 +267,12 @@ class CaptureConsumer:
         """On the way out (SIGTERM): finish the flush under way and flush what is waiting, once,
         so those messages are acknowledged now instead of delivered again to the next start."""
         try:
-            await self._finish_flush()
+            await self._wait_for_flushes(fewer_than=1)
             if self._waiting:
-                self._flushing, self._waiting = self._waiting, {}
+                messages, self._waiting = self._waiting, {}
+                self._flushing.append(messages)
                 buffer, self._buffer = self._buffer, CaptureBuffer()
-                await self._flush(buffer, retry=False)
+                await self._flush(buffer, messages, retry=False)
         except Exception as error:  # what was not acknowledged comes again: nothing is lost
             log.warning("the last flush did not complete: %s", error)
 

@@ -99,6 +99,44 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
     }
 
 
+class _FolderLock:
+    """Flushes share the data folder (each writes files of its own); deleting files and pruning
+    empty folders takes it alone, so that no folder goes while a flush writes into it. A deletion
+    that waits holds off new flushes, so that back-to-back flushes cannot starve it."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._sharing = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._sharing -= 1
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._condition:
+            self._waiting_exclusive += 1
+            self._condition.wait_for(lambda: not self._exclusive and not self._sharing)
+            self._waiting_exclusive -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._exclusive = False
+                self._condition.notify_all()
+
+
 def _warm_up_parquet() -> None:
     """Write a small capture-like table to memory: pyarrow readies its codec and threads on the
     first write, which took a third of a second, so that the first flush does not pay for it."""
@@ -277,7 +315,7 @@ class Collector:
         self.query_batch_rows = query_batch_rows
         self.max_batch_bytes = max_batch_bytes
         # Flushes create folders and retention removes empty ones: one at a time.
-        self._files_lock = threading.Lock()
+        self._files_lock = _FolderLock()
 
     # ------------------------------------------------------------ start
 
@@ -357,7 +395,7 @@ class Collector:
         written: list[Path] = []
         records: list[CaptureFileRow] = []
         now = time.time()
-        with self._files_lock:
+        with self._files_lock.shared():
             try:
                 for captured in tables:
                     record = self._write_file(captured, stream_epoch, now)
@@ -525,7 +563,7 @@ class Collector:
         return doomed
 
     def _delete_files(self, files: list[Any], sweep: RetentionSweep) -> None:
-        with self._files_lock:
+        with self._files_lock.exclusive():
             with self.database.transaction() as session:
                 for chunk in _chunks([file.id for file in files]):
                     session.execute(delete(CaptureFileRow).where(col(CaptureFileRow.id).in_(chunk)))

@@ -235,6 +235,9 @@ class _Record:
     version: str
     request_ids: list[str]
     times: np.ndarray
+    first_hour: int
+    last_hour: int
+    """The hours (Unix seconds, UTC) of the earliest and of the latest time."""
     counts: np.ndarray
     offset: int
     structure: _Structure
@@ -346,17 +349,15 @@ def _decode_record(record: dict[str, Any], body: memoryview) -> _Record:
         if len(_structures) >= MAX_STRUCTURES:
             _structures.clear()
         _structures[key] = structure
-    try:
-        rows = np.asarray(counts, dtype=np.int64)
-    except OverflowError:
-        raise MalformedCapture("counts must be row counts") from None
-    if rows.min() < 0 or rows.max() > structure.rows or int(rows.sum()) != structure.rows:
+    # Python's ints do not wrap around: counts of at least 0 that add up to the rows are each at most that.
+    if min(counts) < 0 or sum(counts) != structure.rows:
         raise MalformedCapture(f"counts {counts[:10]} do not add up to the tensors' {structure.rows} rows")
     expected = 8 * len(request_ids) + structure.raw_bytes
     if len(body) != expected:
         raise MalformedCapture(f"the record has {len(body)} bytes of body, its requests and tensors need {expected}")
     times = np.frombuffer(body[: 8 * len(request_ids)], dtype="<f8")
-    if not (times.min() >= EARLIEST_TIME and times.max() <= LATEST_TIME):
+    first, last = float(times.min()), float(times.max())
+    if not (first >= EARLIEST_TIME and last <= LATEST_TIME):
         raise MalformedCapture("times must be seconds since the epoch between 2000 and 2200")
     values: list[Any] = []
     start = 8 * len(request_ids)
@@ -369,15 +370,25 @@ def _decode_record(record: dict[str, Any], body: memoryview) -> _Record:
         else:
             values.append(body[start : start + size])
             start += size
-    return _Record(version, request_ids, times, rows, offset, structure, values)
+    rows = np.asarray(counts, dtype=np.int64)
+    return _Record(
+        version,
+        request_ids,
+        times,
+        int(first // HOUR) * HOUR,
+        int(last // HOUR) * HOUR,
+        rows,
+        offset,
+        structure,
+        values,
+    )
 
 
 def _by_hour(record: _Record) -> list[tuple[int, _Record]]:
     """The record's requests by the hour of their time: nearly always one part, the record itself."""
+    if record.first_hour == record.last_hour:
+        return [(record.first_hour, record)]
     hours = (record.times // HOUR).astype(np.int64) * HOUR
-    first = int(hours[0])
-    if (hours == first).all():
-        return [(first, record)]
     structure = record.structure
     starts = np.cumsum(record.counts) - record.counts
     parts = []
@@ -402,6 +413,8 @@ def _by_hour(record: _Record) -> list[tuple[int, _Record]]:
                     record.version,
                     [record.request_ids[index] for index in chosen],
                     record.times[chosen],
+                    int(hour),
+                    int(hour),
                     counts,
                     record.offset,
                     part_structure,

@@ -195,6 +195,22 @@ def test_sigkill_mid_stream_leaves_every_row_exactly_once(
     assert by_id["k4321"] == features(4321, 1)[0, 0]
 
 
+def test_the_end_of_a_backlog_is_flushed_at_once(nats_server: NatsServer, tmp_path: Path) -> None:
+    send_rows(nats_server.url, "burst", 1000)  # 40 messages waiting before the collector starts
+    # Pulls of 4 messages, and a timer that alone would hold the last rows for a minute.
+    options = {"fetch_messages": "4", "flush_seconds": "60", "ack_wait_seconds": "120"}
+    started = time.monotonic()
+    collector = start_collector(tmp_path / "home", None, nats_server.url, **options)
+    try:
+        collector.wait_for_rows("burst", 1000, timeout=30)
+        assert time.monotonic() - started < 30
+        send_rows(nats_server.url, "burst", 10, prefix="late")  # a trickle: it waits for the timer
+        time.sleep(2)
+        assert collector.captured_rows("burst") == 1000
+    finally:
+        stop_collector(collector)
+
+
 def test_messages_delivered_again_after_their_commit_are_acked_and_not_stored_twice(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
 
-from services.collector.domain import Collector, LabelInput, SequenceRanges, Window
+from services.collector.domain import Collector, LabelInput, SequenceRanges, Window, _FolderLock
 from services.collector.models import TABLES
 from services.collector.records import CaptureBuffer, MalformedCapture, parse_subject
 from services.common.db import Database
@@ -296,3 +297,26 @@ def test_retention_deletes_the_oldest_files_first_by_age_and_by_size(tmp_path: P
     assert collector.set_retention("aged", None, None, use_defaults=True).max_bytes_is_default
     with pytest.raises(InvalidArgument):
         collector.set_retention("aged", -1, None)
+
+
+def test_flushes_share_the_folder_and_a_deletion_waits_for_them_without_being_starved() -> None:
+    lock = _FolderLock()
+    order: list[str] = []
+
+    def take(kind: str) -> None:
+        with lock.exclusive() if kind == "delete" else lock.shared():
+            order.append(kind)
+
+    with lock.shared():  # a flush under way
+        with lock.shared():  # a second flush joins it at once
+            order.append("second flush")
+        deleting = threading.Thread(target=take, args=("delete",))
+        deleting.start()
+        time.sleep(0.1)
+        flushing = threading.Thread(target=take, args=("flush",))  # after the waiting deletion: behind it
+        flushing.start()
+        time.sleep(0.1)
+        assert order == ["second flush"]
+    deleting.join(5)
+    flushing.join(5)
+    assert order == ["second flush", "delete", "flush"]
