@@ -139,10 +139,20 @@ class _Structure:
     widths: tuple[int, ...]
     """Per tensor: values per row."""
     is_text: tuple[bool, ...]
-    bytes: int
+    bytes: int = field(init=False)
     """Bytes of a record's tensors (strings counted one byte each): what the buffer holds."""
-    raw_bytes: int
+    raw_bytes: int = field(init=False)
     """Bytes of a record's tensors in the message's body (all but BYTES tensors)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bytes", sum(self.sizes))
+        raw = sum(size for size, text in zip(self.sizes, self.is_text, strict=True) if not text)
+        object.__setattr__(self, "raw_bytes", raw)
+
+    def of_rows(self, rows: int) -> _Structure:
+        """The same tensors with `rows` rows instead."""
+        sizes = tuple(size // self.rows * rows for size in self.sizes)
+        return _Structure(self.layout, rows, sizes, self.widths, self.is_text)
 
 
 MAX_STRUCTURES = 10_000
@@ -180,8 +190,7 @@ def _structure(key: tuple[tuple[tuple[str, str, tuple[int, ...]], ...], ...]) ->
         is_text.append(dtype is None)
     if len({(direction, name) for direction, name, _, _ in layout}) != len(layout):
         raise MalformedCapture("two inputs, or two outputs, share a name")
-    raw_bytes = sum(size for size, text in zip(sizes, is_text, strict=True) if not text)
-    return _Structure(tuple(layout), max(rows, 0), tuple(sizes), tuple(widths), tuple(is_text), sum(sizes), raw_bytes)
+    return _Structure(tuple(layout), max(rows, 0), tuple(sizes), tuple(widths), tuple(is_text))
 
 
 @dataclass
@@ -235,9 +244,8 @@ class _Record:
     version: str
     request_ids: list[str]
     times: np.ndarray
-    first_hour: int
-    last_hour: int
-    """The hours (Unix seconds, UTC) of the earliest and of the latest time."""
+    hour: int | None
+    """The hour (Unix seconds, UTC) of every time, or None when they fall in different hours."""
     counts: np.ndarray
     offset: int
     structure: _Structure
@@ -370,14 +378,13 @@ def _decode_record(record: dict[str, Any], body: memoryview) -> _Record:
         else:
             values.append(body[start : start + size])
             start += size
-    rows = np.asarray(counts, dtype=np.int64)
+    first_hour, last_hour = int(first // HOUR) * HOUR, int(last // HOUR) * HOUR
     return _Record(
         version,
         request_ids,
         times,
-        int(first // HOUR) * HOUR,
-        int(last // HOUR) * HOUR,
-        rows,
+        first_hour if first_hour == last_hour else None,
+        np.asarray(counts, dtype=np.int64),
         offset,
         structure,
         values,
@@ -386,8 +393,8 @@ def _decode_record(record: dict[str, Any], body: memoryview) -> _Record:
 
 def _by_hour(record: _Record) -> list[tuple[int, _Record]]:
     """The record's requests by the hour of their time: nearly always one part, the record itself."""
-    if record.first_hour == record.last_hour:
-        return [(record.first_hour, record)]
+    if record.hour is not None:
+        return [(record.hour, record)]
     hours = (record.times // HOUR).astype(np.int64) * HOUR
     structure = record.structure
     starts = np.cumsum(record.counts) - record.counts
@@ -405,7 +412,7 @@ def _by_hour(record: _Record) -> list[tuple[int, _Record]]:
             else:
                 per_row = size // structure.rows
                 values.append(np.frombuffer(value, np.uint8).reshape(structure.rows, per_row)[rows].data)
-        part_structure = _structure_of_rows(structure, int(counts.sum()))
+        part_structure = structure.of_rows(int(counts.sum()))
         parts.append(
             (
                 int(hour),
@@ -413,7 +420,6 @@ def _by_hour(record: _Record) -> list[tuple[int, _Record]]:
                     record.version,
                     [record.request_ids[index] for index in chosen],
                     record.times[chosen],
-                    int(hour),
                     int(hour),
                     counts,
                     record.offset,
@@ -423,13 +429,6 @@ def _by_hour(record: _Record) -> list[tuple[int, _Record]]:
             )
         )
     return parts
-
-
-def _structure_of_rows(structure: _Structure, rows: int) -> _Structure:
-    """`structure` for `rows` rows instead of its own."""
-    sizes = tuple(size // structure.rows * rows for size in structure.sizes)
-    raw_bytes = sum(size for size, text in zip(sizes, structure.is_text, strict=True) if not text)
-    return _Structure(structure.layout, rows, sizes, structure.widths, structure.is_text, sum(sizes), raw_bytes)
 
 
 def _table(partition: PartitionKey, layout: Layout, group: _Group) -> CapturedTable:

@@ -589,12 +589,10 @@ def capture_messages(rows: list[dict[str, Any]], max_bytes: int) -> CaptureMessa
 class _CaptureRecord:
     text: str
     body: list[bytes]
+    size: int
+    """Bytes of the header text and the body together."""
     requests: int
     """The requests that this record completes (a piece of a split request but the last: none)."""
-
-    @property
-    def size(self) -> int:
-        return len(self.text) + sum(len(part) for part in self.body)
 
 
 def _capture_runs(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -610,17 +608,17 @@ def _capture_runs(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         key += tuple([(t.name, t.datatype, t.array.shape) for t in outputs])
         if key != previous:
             runs.append([])
-            previous, stackable = key, _stackable(key)
+            previous, stackable = key, _common_rows([shape for _, _, shape in key[3:]]) is not None
         elif not stackable:
             runs.append([])
         runs[-1].append(row)
     return runs
 
 
-def _stackable(key: tuple[Any, ...]) -> bool:
-    """Whether requests of `key` (from _capture_runs) stack: their tensors share a first dimension."""
-    firsts = {shape[0] if shape else -1 for _, _, shape in key[3:]}
-    return len(firsts) == 1 and -1 not in firsts
+def _common_rows(shapes: list[tuple[int, ...]]) -> int | None:
+    """The first dimension that tensors of these shapes share, or None (none, or a scalar among them)."""
+    firsts = {shape[0] if shape else -1 for shape in shapes}
+    return firsts.pop() if len(firsts) == 1 and -1 not in firsts else None
 
 
 def _capture_records(run: list[dict[str, Any]], room: int) -> tuple[list[_CaptureRecord], int]:
@@ -638,8 +636,8 @@ def _capture_records(run: list[dict[str, Any]], room: int) -> tuple[list[_Captur
             records += part
             left_out += part_left_out
         return records, left_out
-    rows = counts[0]
-    if rows < 2 or len({tensor.array.shape[0] if tensor.array.ndim else 0 for tensor in inputs + outputs}) != 1:
+    rows = _common_rows([tensor.array.shape for tensor in inputs + outputs])
+    if rows is None or rows < 2:
         return [], 1
     step = max(1, rows * room // (2 * record.size))
     pieces = []
@@ -658,9 +656,9 @@ def _stacked(run: list[dict[str, Any]]) -> tuple[list[Tensor], list[Tensor], lis
     """The tensors of a run's requests stacked along their first dimension, and each one's rows."""
     first = run[0]
     tensors = [*first["inputs"], *first["outputs"]]
-    counts = [tensors[0].array.shape[0] if tensors and tensors[0].array.ndim else 0]
+    # The requests of a run have the same shapes (_capture_runs): the same rows each.
+    counts = [tensors[0].array.shape[0] if tensors and tensors[0].array.ndim else 0] * len(run)
     if len(run) > 1:
-        counts = [row["inputs"][0].array.shape[0] if row["inputs"] else row["outputs"][0].array.shape[0] for row in run]
         columns = zip(*([*row["inputs"], *row["outputs"]] for row in run), strict=True)
         stacked = []
         for tensor, column in zip(tensors, columns, strict=True):
@@ -681,33 +679,27 @@ def _capture_record(
     text = f'{{"model":{_json_name(first["model"])},"version":{_json_name(first["version"])}'
     if offset is not None:
         text += f',"offset":{offset}'
+    body_bytes = sum(len(part) for part in body)
     text += (
-        f',"ids":[{ids}],"counts":[{",".join(map(str, counts))}],"bytes":{sum(len(part) for part in body)},'
+        f',"ids":[{ids}],"counts":[{",".join(map(str, counts))}],"bytes":{body_bytes},'
         f'"inputs":[{tensors_in}],"outputs":[{tensors_out}]}}'
     )
-    return _CaptureRecord(text, body, len(run))
+    return _CaptureRecord(text, body, len(text) + body_bytes, len(run))
 
 
 def _json_texts(texts: list[str]) -> str:
-    """`texts` as the items of a JSON list, checked for characters to escape all at once."""
+    """`texts` as the items of a JSON list: quoted as they are when nothing in them needs escaping
+    (ids usually), checked all at once; else by json.dumps, which costs a microsecond or more."""
     joined = '","'.join(texts)
     if joined.isascii() and joined.isprintable() and "\\" not in joined and joined.count('"') == 2 * (len(texts) - 1):
         return f'"{joined}"'
     return json.dumps(texts)[1:-1]
 
 
-def _json_text(text: str) -> str:
-    """`text` as a JSON string: quoted as it is when nothing in it needs escaping (ids usually),
-    else by json.dumps, which costs a microsecond or more per call."""
-    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
-        return f'"{text}"'
-    return json.dumps(text)
-
-
 @functools.lru_cache(maxsize=4096)
 def _json_name(text: str) -> str:
     """A JSON string for the few names that recur in every request (models, versions, tensors)."""
-    return _json_text(text)
+    return _json_texts([text])
 
 
 def _capture_tensor(tensor: Tensor, body: list[bytes]) -> str:

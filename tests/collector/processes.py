@@ -124,6 +124,7 @@ def records_of(payload: bytes) -> list[tuple[dict[str, Any], bytes]]:
     for record in json.loads(header)["records"]:
         parts.append((record, bytes(body[at : at + record["bytes"]])))
         at += record["bytes"]
+    assert at == len(body), f"the records cover {at} of the body's {len(body)} bytes"
     return parts
 
 

@@ -18,6 +18,7 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from services.common import bus, capture, natsserver
 from services.runtime import domain
+from tests.collector.processes import records_of
 from tests.registry.test_models import tiny_onnx
 from tests.runtime.conftest import register_adder, spawn_runtime
 from tests.runtime.test_rest import call, metric, x
@@ -39,11 +40,8 @@ def raw_adder_request(request_id: str, batch: np.ndarray) -> oip.ModelInferReque
 def captured_requests(payload: bytes) -> list[dict]:
     """The requests of one capture message taken apart again: each as a record of its own (`id`,
     `time`, and `offset` for a piece), its tensors' values decoded into `data`."""
-    header, body = capture.split(payload)
     requests = []
-    at = 0
-    for record in json.loads(header)["records"]:
-        part, at = body[at : at + record["bytes"]], at + record["bytes"]
+    for record, part in records_of(payload):
         times = np.frombuffer(part[: 8 * len(record["ids"])], "<f8").tolist()
         values, cursor = [], 8 * len(record["ids"])
         for tensor in record["inputs"] + record["outputs"]:
@@ -74,7 +72,6 @@ def captured_requests(payload: bytes) -> list[dict]:
                 request["offset"] = record["offset"]
             requests.append(request)
             start += count
-    assert at == len(body)
     return requests
 
 
