@@ -244,11 +244,15 @@ def model_upload(name: str, content: bytes, tags: dict[str, str]) -> list[regist
 class RegistryProcess:
     """`python -m services.registry` on a free port, configured only through its environment."""
 
-    def __init__(self, home: Path, database_url: str, nats_url: str, workers: int) -> None:
+    def __init__(
+        self, home: Path, database_url: str, nats_url: str, workers: int, settings: dict[str, str] | None = None
+    ) -> None:
         self.home = home
         self.database_url = database_url
         self.nats_url = nats_url
         self.workers = workers
+        self.settings = settings or {}
+        """More MLMESH_REGISTRY_ settings, by environment variable."""
         self.port = natsserver.free_port()
         self.log_path = home / "registry.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -267,6 +271,7 @@ class RegistryProcess:
             MLMESH_REGISTRY_DATABASE_URL=self.database_url,
             MLMESH_NATS_URL=self.nats_url,
             MLMESH_REGISTRY_WORKERS=str(self.workers),
+            **self.settings,
         )
         with self.log_path.open("ab") as output:
             self.process = subprocess.Popen(
@@ -659,6 +664,27 @@ async def get_throughput(
         await stub.GetModelVersion(request, timeout=RPC_TIMEOUT_SECONDS)
 
     return await closed_loop(get, clients=plan.clients, max_calls=plan.get_calls, max_seconds=plan.get_seconds)
+
+
+async def get_without_cache(workdir: Path, registry: RegistryProcess, plan: Plan, refs: list[str]) -> dict[str, Any]:
+    """The same gets from a second registry process over the same database with its version
+    cache off (MLMESH_REGISTRY_CACHED_VERSIONS=0): every call reads the database."""
+    uncached = RegistryProcess(
+        workdir / "home-uncached",
+        registry.database_url,
+        registry.nats_url,
+        registry.workers,
+        {"MLMESH_REGISTRY_CACHED_VERSIONS": "0"},
+    )
+    uncached.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{uncached.port}")
+    try:
+        await uncached.wait_serving(channel)
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        return await get_throughput(stub, plan, refs, uncached.port, workdir)
+    finally:
+        await channel.close()
+        uncached.stop()
 
 
 async def tag_search_latency(
@@ -1257,6 +1283,9 @@ def in_process_breakdown(database_url: str, workdir: Path, refs: list[str], coun
             )
         }
         result["get_version"] = timed_calls(timer, lambda _: registry.get_version(chooser.choice(refs)), count, 60)
+        result["get_version_from_cache"] = timed_calls(
+            timer, lambda _: registry.cached_version(chooser.choice(refs)), count, 60
+        )
 
         def search(_: int) -> None:
             team = f"team-{chooser.randrange(SEED_TEAMS):02d}"
@@ -1371,6 +1400,8 @@ async def bench_database(
             before = await measure("grpc_baseline_before", grpc_baseline(channel, plan, port, workdir), profiled=False)
             register = await measure("register", register_throughput(stub, plan, refs, port, workdir))
             got = await measure("get", get_throughput(stub, plan, refs, port, workdir)) if refs else None
+            if refs:
+                await measure("get_without_cache", get_without_cache(workdir, registry, plan, refs))
             after = await measure("grpc_baseline_after", grpc_baseline(channel, plan, port, workdir), profiled=False)
             rates = [value["per_second"] for value in (before, after) if value and value.get("per_second")]
             baseline_rate = sum(rates) / len(rates) if rates else None

@@ -379,7 +379,10 @@ def decoded_outputs(response: Any) -> dict[str, np.ndarray]:
 
 
 def clean_environment() -> dict[str, str]:
-    return {key: value for key, value in os.environ.items() if not key.startswith("MLMESH_")}
+    """The environment of every server: no MLMESH_ setting leaks in, and one fixed hash seed, so
+    that two equal servers do not differ by the layout of their dictionaries."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("MLMESH_")}
+    return {**environment, "PYTHONHASHSEED": "0"}
 
 
 @dataclass

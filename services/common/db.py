@@ -7,6 +7,7 @@ import contextvars
 import fcntl
 import functools
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, event
+import psycopg
+from sqlalchemy import Table, event, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -26,6 +28,9 @@ from services.common.errors import Unavailable
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 CHECKPOINT_SECONDS = 1.0
 WAL_RESTART_BYTES = 64 * 1024 * 1024
+CHANGES_CHANNEL = "mlmesh_changes"
+"""The PostgreSQL notification channel on which a watched table's changes are announced."""
+LISTEN_RETRY_SECONDS = 1.0
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -73,6 +78,8 @@ class Database:
                 ).start()
         self.tables: list[Table] = [model.__table__ for model in tables]  # type: ignore[attr-defined]
         self._threads = ThreadPoolExecutor(max_workers=2 if self.is_sqlite else pool_size, thread_name_prefix="db")
+        self._changes: _Changes | None = None
+        self._file = str(parsed.database) if on_file else None
 
     async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking work that uses this database on its own few threads, in the caller's
@@ -114,6 +121,8 @@ class Database:
             try:
                 yield session
                 session.commit()
+                if self._changes is not None:
+                    self._changes.committed()
             except OperationalError as error:
                 session.rollback()
                 raise Unavailable(f"the database did not answer: {error.orig}") from error
@@ -122,6 +131,43 @@ class Database:
                 raise
             finally:
                 session.close()
+
+    def watch_changes(self, tables: Sequence[type[SQLModel]]) -> None:
+        """Start following every commit to `tables`, by this process or any other, so that
+        `generation()` can tell whether something read earlier may be out of date."""
+        names = [model.__table__.name for model in tables]  # type: ignore[attr-defined]
+        if self.is_sqlite:
+            self._changes = _Changes(self._file)
+            return
+        with self.engine.begin() as connection:
+            # Serialised: the workers of one service start side by side, and concurrent
+            # CREATE OR REPLACE of one function fails in PostgreSQL.
+            connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": CHANGES_CHANNEL})
+            connection.execute(text(_NOTIFY_FUNCTION))
+            for name in names:
+                connection.execute(text(f"DROP TRIGGER IF EXISTS {name}_changes ON {name}"))
+                connection.execute(
+                    text(
+                        f"CREATE TRIGGER {name}_changes AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {name} "
+                        "FOR EACH STATEMENT EXECUTE FUNCTION mlmesh_notify_change()"
+                    )
+                )
+        arguments, keywords = self.engine.dialect.create_connect_args(self.engine.url)
+        self._changes = _Changes(None)
+        threading.Thread(
+            target=self._changes.listen,
+            args=(functools.partial(psycopg.connect, *arguments, autocommit=True, **keywords), self._stopped),
+            name="db-changes",
+            daemon=True,
+        ).start()
+
+    def generation(self) -> int | None:
+        """A number that moves on whenever a watched table may have changed since it was last
+        read: a commit by this process counts at once, on SQLite so does any other process's (the
+        file's data version), on PostgreSQL another's counts when its notification arrives (a
+        fraction of a millisecond later). None when changes are not known: not watched, or the
+        PostgreSQL listener is not connected."""
+        return self._changes.generation() if self._changes is not None else None
 
     def insert(self, model: type[SQLModel]) -> Any:
         """This database's own INSERT construct for `model`'s table (it has ON CONFLICT clauses),
@@ -158,8 +204,66 @@ class Database:
 
     def dispose(self) -> None:
         self._stopped.set()
+        if self._changes is not None:
+            self._changes.close()
         self._threads.shutdown(wait=False)
         self.engine.dispose()
+
+
+_NOTIFY_FUNCTION = f"""CREATE OR REPLACE FUNCTION mlmesh_notify_change() RETURNS trigger AS $$
+    BEGIN PERFORM pg_notify('{CHANGES_CHANNEL}', ''); RETURN NULL; END; $$ LANGUAGE plpgsql"""
+
+
+class _Changes:
+    """The generation counter behind `Database.generation()`. On a SQLite file a connection of
+    its own asks the file's data version, which moves with every commit of any other
+    connection; on PostgreSQL `listen` counts the notifications of the watched tables' triggers."""
+
+    def __init__(self, sqlite_file: str | None) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._connected = sqlite_file is not None
+        self._sqlite = sqlite3.connect(sqlite_file, check_same_thread=False) if sqlite_file else None
+        self._data_version: int | None = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sqlite is not None:
+                self._sqlite.close()
+                self._sqlite, self._connected = None, False
+
+    def committed(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def generation(self) -> int | None:
+        with self._lock:
+            if self._sqlite is not None:
+                data_version = self._sqlite.execute("PRAGMA data_version").fetchone()[0]
+                if data_version != self._data_version:
+                    self._data_version = data_version
+                    self._count += 1
+            return self._count if self._connected else None
+
+    def listen(self, connect: Callable[[], Any], stopped: threading.Event) -> None:
+        """Count the change notifications until `stopped`, connecting again after a failure;
+        while not connected the generation is unknown, so nothing read meanwhile is trusted."""
+        while not stopped.is_set():
+            try:
+                with connect() as connection:
+                    connection.execute(f"LISTEN {CHANGES_CHANNEL}")
+                    with self._lock:  # what changed before LISTEN took hold went unannounced
+                        self._count += 1
+                        self._connected = True
+                    while not stopped.is_set():
+                        for _ in connection.notifies(timeout=LISTEN_RETRY_SECONDS):
+                            self.committed()
+            except psycopg.Error as error:
+                log.warning("not following database changes, trying again: %s", error)
+            finally:
+                with self._lock:
+                    self._connected = False
+            stopped.wait(LISTEN_RETRY_SECONDS)
 
 
 class _WriterTurn:

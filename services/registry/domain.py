@@ -453,6 +453,40 @@ def resource_of(name: str, version: int) -> str:
 # ---------------------------------------------------------------- the registry
 
 
+class _VersionCache:
+    """Views of versions by the reference they were asked by, kept while the database's
+    generation stays the one they were read in: any commit to the tables a view is made of (by
+    this process at once; by another on SQLite at once, on PostgreSQL once its notification
+    arrives) empties it. At most `capacity` views, the oldest dropped first."""
+
+    def __init__(self, database: Database, capacity: int) -> None:
+        self.database = database
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._views: dict[str, VersionView] = {}
+        self._generation: int | None = None
+
+    def get(self, ref: str) -> VersionView | None:
+        generation = self.database.generation()
+        with self._lock:
+            if generation != self._generation or generation is None:
+                self._views.clear()
+                self._generation = generation
+                return None
+            return self._views.get(ref)
+
+    def put(self, ref: str, read_in: int | None, view: VersionView) -> None:
+        """Keep `view`, read after the generation was `read_in`, unless something changed since."""
+        if read_in is None or self.capacity == 0 or self.database.generation() != read_in:
+            return
+        with self._lock:
+            if self._generation != read_in:
+                return
+            if len(self._views) >= self.capacity:
+                del self._views[next(iter(self._views))]
+            self._views[ref] = view
+
+
 class Registry:
     """Everything the registry does, over its own database, blob store and outbox."""
 
@@ -466,9 +500,13 @@ class Registry:
         max_files_per_version: int = 10_000,
         max_dataset_bytes: int = 2 * 1024**3,
         blob_grace_seconds: float = 3600,
+        cached_versions: int = 10_000,
     ) -> None:
         self.blob_grace_seconds = blob_grace_seconds
         self.database = database
+        if cached_versions:
+            database.watch_changes([RegisteredModel, ModelVersionRow, ModelFile, ModelTag, ModelAlias, ModelUsage])
+        self._cache = _VersionCache(database, cached_versions)
         self.blobs = blobs
         self.outbox = outbox
         self.max_version_bytes = max_version_bytes
@@ -729,10 +767,19 @@ class Registry:
 
     # ------------------------------------------------------------ reading
 
+    def cached_version(self, ref: str, at: float | None = None) -> VersionView | None:
+        """The view `get_version` gave for `ref` (without `at`), when nothing has changed since;
+        in memory, without the database. Callers must not change it."""
+        return self._cache.get(ref) if at is None else None
+
     def get_version(self, ref: str, at: float | None = None) -> VersionView:
         reference = Reference.parse(ref)
+        generation = self.database.generation()
         with self.database.reader() as reader:
-            return self._view(reader, self._version_row(reader, reference, at=at, read_only=True))
+            view = self._view(reader, self._version_row(reader, reference, at=at, read_only=True))
+        if at is None:
+            self._cache.put(ref, generation, view)
+        return view
 
     def download(self, ref: str, chunk_bytes: int) -> list[tuple[FileView, Iterator[bytes]]]:
         """The version's files, each with its content as a lazy, checksum-verified chunk stream."""

@@ -32,6 +32,7 @@ def build(settings: RegistrySettings) -> ServiceRuntime:
         max_files_per_version=settings.max_files_per_version,
         max_dataset_bytes=settings.max_dataset_bytes,
         blob_grace_seconds=settings.blob_sweep_grace_seconds,
+        cached_versions=settings.cached_versions,
     )
 
     async def sweep_blobs() -> None:

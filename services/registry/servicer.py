@@ -202,7 +202,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def GetModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         at = seconds(request.at, request.HasField("at"))
-        view = await self._short(self.registry.get_version, request.ref, at)
+        view = self.registry.cached_version(request.ref, at) or await self._short(
+            self.registry.get_version, request.ref, at
+        )
         return registry_pb2.GetModelVersionResponse(model_version=version_to_proto(view))
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

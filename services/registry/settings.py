@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -27,3 +28,8 @@ class RegistrySettings(ServiceSettings):
 
     blob_sweep_grace_seconds: float = 3600
     """Unreferenced blobs younger than this are kept (an upload may be about to commit)."""
+
+    cached_versions: int = Field(default=10_000, ge=0)
+    """Model versions kept in memory, as last read, for GetModelVersion (0: none). Any change to
+    the registry's models empties it; on PostgreSQL another process's change does so when its
+    notification arrives, a fraction of a millisecond after the commit."""

@@ -90,3 +90,57 @@ def test_short_calls_keep_the_callers_trace_context(database_url):
         assert caller == on_thread == short != 0
     finally:
         database.dispose()
+
+
+def wait_until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+def test_the_generation_moves_with_every_commit_of_any_process_and_is_unknown_while_not_listening(database_url):
+    ours, theirs = db.Database(database_url, [OutboxEvent]), db.Database(database_url, [OutboxEvent])
+    ours.create_tables()
+    assert ours.generation() is None  # nothing watched: nothing known
+    ours.watch_changes([OutboxEvent])
+    admin = create_engine(MeshSettings().postgres_admin_url, isolation_level="AUTOCOMMIT")
+
+    def add(database: db.Database, number: int) -> None:
+        with database.transaction() as session:
+            session.add(OutboxEvent(id=f"e{number}", subject="s", payload=b"x", created_at=time.time()))
+
+    try:
+        wait_until(lambda: ours.generation() is not None)
+        before = ours.generation()
+        assert ours.generation() == before  # still: nothing committed
+        add(ours, 1)
+        assert ours.generation() != before  # our own commit counts at once
+        before = ours.generation()
+        add(theirs, 2)  # another process's commit
+        if ours.is_sqlite:
+            assert ours.generation() != before
+            return
+        wait_until(lambda: ours.generation() != before)
+        known = ours.generation()
+        name = database_url.rsplit("/", 1)[1]
+        with admin.connect() as connection:  # the listening connection goes away
+            connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :name AND query LIKE 'LISTEN%'"
+                ),
+                {"name": name},
+            )
+        wait_until(lambda: ours.generation() is None)
+        add(theirs, 3)  # unannounced: nobody listens
+        wait_until(lambda: ours.generation() is not None)  # listening again, under a new number
+        before = ours.generation()
+        assert before != known
+        add(theirs, 4)
+        wait_until(lambda: ours.generation() != before)
+    finally:
+        admin.dispose()
+        ours.dispose()
+        theirs.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 from pathlib import Path
@@ -10,8 +11,10 @@ import grpc
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from sqlalchemy import event
 
 from services._proto.mlmesh.v1 import registry_pb2
+from tests.conftest import running_registry
 from tests.registry.uploads import model_upload
 
 
@@ -111,6 +114,50 @@ async def test_aliases_move_and_history_answers_for_any_time(registry):
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await stub.GetModelVersion(registry_pb2.GetModelVersionRequest(ref="fraud@champion"))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_version_read_once_is_answered_from_memory_until_any_process_changes_it(registry_settings, tmp_path):
+    """Two registries on one database stand for two processes: what one changes, the other's
+    memory drops (on SQLite before the next read, on PostgreSQL once the notification is in)."""
+    other_settings = registry_settings.model_copy(update={"home": tmp_path / "other-home"})
+    async with running_registry(registry_settings) as reader, running_registry(other_settings) as writer:
+        for _ in range(3):
+            await register(writer.stub, "cached", tags={"stage": "new"})
+        await writer.stub.SetAlias(registry_pb2.SetAliasRequest(name="cached", alias="champion", version=1, reason="a"))
+        statements: list[str] = []
+        engine = reader.runtime.database.engine
+        event.listen(engine, "before_cursor_execute", lambda *call: statements.append(call[2]))
+
+        async def get(ref: str):
+            return (await reader.stub.GetModelVersion(registry_pb2.GetModelVersionRequest(ref=ref))).model_version
+
+        async def eventually(ref: str, check) -> list[str]:
+            """The reader's answer for `ref` once `check` holds (at once on SQLite)."""
+            for _ in range(1 if "sqlite" in str(engine.url) else 500):
+                if check(found := await get(ref)):
+                    return found
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"still {found}")
+
+        first = await get("cached@champion")
+        read = len(statements)
+        assert read > 0 and first.version == 1
+        for _ in range(3):
+            assert await get("cached@champion") == first
+        assert len(statements) == read, statements[read:]  # answered from memory
+
+        await writer.stub.SetAlias(registry_pb2.SetAliasRequest(name="cached", alias="champion", version=2, reason="b"))
+        await eventually("cached@champion", lambda found: found.version == 2)
+        await get("cached:1")
+        await writer.stub.UpdateModelVersion(
+            registry_pb2.UpdateModelVersionRequest(ref="cached:1", set_tags={"stage": "old"}, description="kept")
+        )
+        await eventually("cached:1", lambda found: found.tags["stage"] == "old" and found.description == "kept")
+        assert (await get("cached")).version == 3
+        await writer.stub.ArchiveModelVersion(registry_pb2.ArchiveModelVersionRequest(ref="cached:3", reason="x"))
+        await eventually("cached", lambda found: found.version == 2)
+        await reader.stub.AcquireUsage(registry_pb2.AcquireUsageRequest(ref="cached:1", deployment_id="endpoints/a/b"))
+        assert list((await get("cached:1")).used_by) == ["endpoints/a/b"]  # its own change: at once
 
 
 async def test_setting_an_alias_needs_a_reason(registry):
