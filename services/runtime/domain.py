@@ -28,6 +28,9 @@ from services.common import capture
 from services.common.errors import InvalidArgument, MlmeshError, NotFound, ResourceExhausted
 
 PLATFORM = "onnx_onnxv1"
+INLINE_SECONDS = 0.0002
+"""An inference expected to take at most this long runs on the event loop: handing it to a
+thread and back costs about as much (two thread wake-ups and the GIL handed over twice)."""
 
 
 @functools.cache
@@ -218,6 +221,8 @@ class LoadedModel:
     session: Any
     onnx_outputs: list[str] = field(default_factory=list)
     batcher: Batcher | None = None
+    seconds_per_element: float = 0.0
+    """How long onnxruntime took per input element, a moving average over the calls so far (0: none yet)."""
 
     def check(self, tensors: Iterable[Tensor]) -> dict[str, Tensor]:
         """The inputs by name, each matching the signature; otherwise INVALID_ARGUMENT saying what was expected."""
@@ -260,17 +265,32 @@ class LoadedModel:
                 field="outputs.name",
             )
         feeds = {name: _feed(tensor) for name, tensor in inputs.items()}
+        started = time.perf_counter()
         try:
             results = self.session.run(names, feeds)
         except Exception as error:  # onnxruntime refuses values the signature could not rule out
             raise InvalidArgument(f"model {self.name} could not run on these inputs: {error}") from error
+        per_element = (time.perf_counter() - started) / max(1, _elements(inputs))
+        known = self.seconds_per_element
+        self.seconds_per_element = 0.8 * known + 0.2 * per_element if known else per_element
         return [output_tensor(name, np.asarray(result)) for name, result in zip(names, results, strict=True)]
+
+    def is_quick(self, inputs: dict[str, Tensor]) -> bool:
+        """Whether inference on `inputs` should take at most INLINE_SECONDS, by the calls so far."""
+        return 0 < self.seconds_per_element * _elements(inputs) <= INLINE_SECONDS
+
+
+def _elements(inputs: dict[str, Tensor]) -> int:
+    return sum(tensor.array.size for tensor in inputs.values())
 
 
 async def run(model: LoadedModel, inputs: dict[str, Tensor], requested: Sequence[str] = ()) -> list[Tensor]:
-    """Infer off the event loop (onnxruntime releases the GIL), through the model's batcher if it has one."""
+    """Infer through the model's batcher if it has one; else on the event loop when the model
+    has been quick for inputs of this size, off it otherwise (onnxruntime releases the GIL)."""
     if model.batcher is not None:
         return await model.batcher.infer(inputs, requested)
+    if model.is_quick(inputs):
+        return model.infer(inputs, requested)
     return await asyncio.to_thread(model.infer, inputs, requested)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -120,6 +121,35 @@ def test_the_store_picks_the_newest_version_and_names_what_it_serves(adder, tmp_
         store.get("other")
     with pytest.raises(NotFound, match="served: 1, 10"):
         store.get("adder", "2")
+
+
+async def test_a_model_quick_for_inputs_of_a_size_runs_them_on_the_event_loop_and_larger_ones_off_it(adder):
+    threads: list[threading.Thread] = []
+    session = adder.session
+
+    class Recording:
+        """The real session, noting the thread of each call."""
+
+        def run(self, names, feeds):
+            threads.append(threading.current_thread())
+            return session.run(names, feeds)
+
+    adder.session = Recording()
+    loop_thread = threading.current_thread()
+
+    def rows(count: int) -> dict[str, domain.Tensor]:
+        values = np.ones((count, 3), dtype=np.float32)
+        return adder.check([domain.tensor_from_raw("x", "FP32", [count, 3], values.tobytes(), 10**7)])
+
+    for _ in range(50):
+        (output,) = await domain.run(adder, rows(1))
+        assert output.array.tolist() == [[2, 2, 2]]
+    assert threads[0] is not loop_thread  # nothing measured yet: off the loop
+    # Once the average settles (the first call also warms onnxruntime up): on it.
+    assert threads[-10:] == [loop_thread] * 10, adder.seconds_per_element
+    (output,) = await domain.run(adder, rows(1_000_000))
+    assert output.shape == (1_000_000, 3) and threads[-1] is not loop_thread
+    assert adder.seconds_per_element > 0
 
 
 async def test_batching_merges_concurrent_requests_and_gives_each_its_own_rows(adder):
