@@ -62,7 +62,9 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def captured_requests(total_rows: int, rows_per_request: int, seed: int = 5) -> tuple[list[dict[str, Any]], np.ndarray]:
+def captured_requests(
+    total_rows: int, rows_per_request: int, seed: int = 5
+) -> tuple[list[runtime.Captured], np.ndarray]:
     """Requests as the runtime's capture queue holds them, and all their features as one array."""
     features = np.random.default_rng(seed).random((total_rows, FEATURES), dtype=np.float32)
     scores = features.sum(axis=1, dtype=np.float32)
@@ -71,16 +73,8 @@ def captured_requests(total_rows: int, rows_per_request: int, seed: int = 5) -> 
     for number, start in enumerate(range(0, total_rows, rows_per_request)):
         x = features[start : start + rows_per_request]
         score = scores[start : start + rows_per_request]
-        requests.append(
-            {
-                "id": f"req-{number:09d}",
-                "model": "bench",
-                "version": "1",
-                "time": now + number * 1e-4,
-                "inputs": [runtime.Tensor("x", "FP32", x.shape, x)],
-                "outputs": [runtime.Tensor("score", "FP32", score.shape, score)],
-            }
-        )
+        tensors = [runtime.Tensor("x", "FP32", x.shape, x), runtime.Tensor("score", "FP32", score.shape, score)]
+        requests.append(runtime.Captured(f"req-{number:09d}", "bench", "1", tensors, 1, now + number * 1e-4))
     return requests, features
 
 

@@ -497,6 +497,31 @@ def _version_order(version: str) -> tuple[int, str]:
 # ---------------------------------------------------------------- capture
 
 
+class Captured:
+    """One captured request: its tensors' names and datatypes, and their arrays (inputs first).
+    Few objects that the garbage collector follows (this one alone, in the end), since many wait
+    in the queue at once: every tracked object that survives adds to each collection's work."""
+
+    __slots__ = ("arrays", "bytes", "fields", "id", "inputs_count", "model", "time", "version")
+
+    def __init__(
+        self, request_id: str, model: str, version: str, tensors: list[Tensor], inputs_count: int, at: float
+    ) -> None:
+        self.id, self.model, self.version, self.time = request_id, model, version, at
+        self.inputs_count = inputs_count
+        self.fields = tuple([field for tensor in tensors for field in (tensor.name, tensor.datatype)])
+        self.arrays = tuple([tensor.array for tensor in tensors])
+        self.bytes = sum([array.nbytes for array in self.arrays])
+
+    def tensors(self, arrays: Sequence[np.ndarray] | None = None) -> list[Tensor]:
+        """Its tensors, inputs first (with `arrays` in place of its own, when given)."""
+        fields = self.fields
+        return [
+            Tensor(fields[2 * number], fields[2 * number + 1], array.shape, array)
+            for number, array in enumerate(self.arrays if arrays is None else arrays)
+        ]
+
+
 class CaptureQueue:
     """Requests and answers waiting to be sent to the capture stream. `offer` never waits and
     never fails: when the queue holds `capacity` requests or `capacity_bytes` of tensor data, the
@@ -507,40 +532,32 @@ class CaptureQueue:
         self.capacity_bytes = capacity_bytes
         self.batch_rows = batch_rows
         self.metrics = metrics
-        self._rows: deque[dict[str, Any]] = deque()
+        self._rows: deque[Captured] = deque()
         self._bytes = 0
         self._some = asyncio.Event()
         self._batch = asyncio.Event()
 
     def offer(self, model: LoadedModel, request_id: str, inputs: Iterable[Tensor], outputs: Iterable[Tensor]) -> None:
-        inputs, outputs = list(inputs), list(outputs)
-        size = sum(tensor.array.nbytes for tensor in inputs) + sum(tensor.array.nbytes for tensor in outputs)
-        if len(self._rows) >= self.capacity or self._bytes + size > self.capacity_bytes:
+        tensors = [*inputs]
+        inputs_count = len(tensors)
+        tensors += outputs
+        row = Captured(request_id, model.name, model.version, tensors, inputs_count, time.time())
+        if len(self._rows) >= self.capacity or self._bytes + row.bytes > self.capacity_bytes:
             self.metrics.capture_rows.labels("dropped").inc()
             return
-        self._rows.append(
-            {
-                "id": request_id,
-                "model": model.name,
-                "version": model.version,
-                "time": time.time(),
-                "inputs": inputs,
-                "outputs": outputs,
-                "bytes": size,
-            }
-        )
-        self._bytes += size
+        self._rows.append(row)
+        self._bytes += row.bytes
         self._some.set()
         if len(self._rows) >= self.batch_rows:
             self._batch.set()
 
-    async def next_batch(self, wait_seconds: float) -> list[dict[str, Any]]:
+    async def next_batch(self, wait_seconds: float) -> list[Captured]:
         """Up to `batch_rows` rows, once there are that many or the first has waited `wait_seconds`."""
         await self._some.wait()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._batch.wait(), wait_seconds)
         batch = [self._rows.popleft() for _ in range(min(self.batch_rows, len(self._rows)))]
-        self._bytes -= sum(row["bytes"] for row in batch)
+        self._bytes -= sum([row.bytes for row in batch])
         if len(self._rows) < self.batch_rows:
             self._batch.clear()
         if not self._rows:
@@ -565,7 +582,7 @@ class CaptureMessages:
     too_large: int
 
 
-def capture_messages(rows: list[dict[str, Any]], max_bytes: int) -> CaptureMessages:
+def capture_messages(rows: list[Captured], max_bytes: int) -> CaptureMessages:
     """Pack captured requests into messages of at most `max_bytes`, in the format of
     services.common.capture: a header line `{"records": [...]}`, then the binary body. A record
     holds consecutive requests of one model version whose tensors agree in name, datatype and
@@ -615,20 +632,19 @@ class _CaptureRecord:
     """The requests that this record completes (a piece of a split request but the last: none)."""
 
 
-def _capture_runs(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+def _capture_runs(rows: list[Captured]) -> list[list[Captured]]:
     """`rows` cut into runs of consecutive requests that stack into one record: same model
     version, same tensors of the same shapes, all with the same first dimension. Any other
     request is a run of its own."""
-    runs: list[list[dict[str, Any]]] = []
+    runs: list[list[Captured]] = []
     previous: Any = None
     stackable = False
     for row in rows:
-        inputs, outputs = row["inputs"], row["outputs"]
-        key = (row["model"], row["version"], len(inputs), *[(t.name, t.datatype, t.array.shape) for t in inputs])
-        key += tuple([(t.name, t.datatype, t.array.shape) for t in outputs])
+        shapes = [array.shape for array in row.arrays]
+        key = (row.model, row.version, row.inputs_count, row.fields, *shapes)
         if key != previous:
             runs.append([])
-            previous, stackable = key, _common_rows([shape for _, _, shape in key[3:]]) is not None
+            previous, stackable = key, _common_rows(shapes) is not None
         elif not stackable:
             runs.append([])
         runs[-1].append(row)
@@ -641,7 +657,7 @@ def _common_rows(shapes: list[tuple[int, ...]]) -> int | None:
     return firsts.pop() if len(firsts) == 1 and -1 not in firsts else None
 
 
-def _capture_records(run: list[dict[str, Any]], room: int) -> tuple[list[_CaptureRecord], int]:
+def _capture_records(run: list[Captured], room: int) -> tuple[list[_CaptureRecord], int]:
     """A run of requests as records of at most `room` bytes each, and the number of requests left out."""
     inputs, outputs, counts = _stacked(run)
     record = _capture_record(run, inputs, outputs, counts)
@@ -672,31 +688,27 @@ def _capture_records(run: list[dict[str, Any]], room: int) -> tuple[list[_Captur
     return pieces, 0
 
 
-def _stacked(run: list[dict[str, Any]]) -> tuple[list[Tensor], list[Tensor], list[int]]:
+def _stacked(run: list[Captured]) -> tuple[list[Tensor], list[Tensor], list[int]]:
     """The tensors of a run's requests stacked along their first dimension, and each one's rows."""
     first = run[0]
-    tensors = [*first["inputs"], *first["outputs"]]
+    arrays = first.arrays
     # The requests of a run have the same shapes (_capture_runs): the same rows each.
-    counts = [tensors[0].array.shape[0] if tensors and tensors[0].array.ndim else 0] * len(run)
+    counts = [arrays[0].shape[0] if arrays and arrays[0].ndim else 0] * len(run)
     if len(run) > 1:
-        columns = zip(*([*row["inputs"], *row["outputs"]] for row in run), strict=True)
-        stacked = []
-        for tensor, column in zip(tensors, columns, strict=True):
-            array = np.concatenate([each.array for each in column])
-            stacked.append(Tensor(tensor.name, tensor.datatype, array.shape, array))
-        tensors = stacked
-    return tensors[: len(first["inputs"])], tensors[len(first["inputs"]) :], counts
+        arrays = tuple([np.concatenate(column) for column in zip(*[row.arrays for row in run], strict=True)])
+    tensors = first.tensors(arrays)
+    return tensors[: first.inputs_count], tensors[first.inputs_count :], counts
 
 
 def _capture_record(
-    run: list[dict[str, Any]], inputs: list[Tensor], outputs: list[Tensor], counts: list[int], offset: int | None = None
+    run: list[Captured], inputs: list[Tensor], outputs: list[Tensor], counts: list[int], offset: int | None = None
 ) -> _CaptureRecord:
     first = run[0]
-    body = [np.array([row["time"] for row in run], dtype="<f8").tobytes()]
+    body = [np.array([row.time for row in run], dtype="<f8").tobytes()]
     tensors_in = ",".join([_capture_tensor(tensor, body) for tensor in inputs])
     tensors_out = ",".join([_capture_tensor(tensor, body) for tensor in outputs])
-    ids = _json_texts([row["id"] for row in run])
-    text = f'{{"model":{_json_name(first["model"])},"version":{_json_name(first["version"])}'
+    ids = _json_texts([row.id for row in run])
+    text = f'{{"model":{_json_name(first.model)},"version":{_json_name(first.version)}'
     if offset is not None:
         text += f',"offset":{offset}'
     body_bytes = sum(len(part) for part in body)

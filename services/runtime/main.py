@@ -173,7 +173,7 @@ async def publish_captures(settings: RuntimeSettings, capture: domain.CaptureQue
             # Small tensors (single rows above all) encode in well under a millisecond: on the loop,
             # which spares a thread hop and the GIL's hand-over per batch; large ones take
             # milliseconds, off the loop that serves requests.
-            if sum(row["bytes"] for row in batch) <= INLINE_CAPTURE_BYTES:
+            if sum([row.bytes for row in batch]) <= INLINE_CAPTURE_BYTES:
                 messages = domain.capture_messages(batch, limit)
             else:
                 messages = await asyncio.to_thread(domain.capture_messages, batch, limit)

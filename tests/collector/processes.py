@@ -90,20 +90,14 @@ def request(
     *,
     moment: float | None = None,
     version: str = "1",
-) -> dict[str, Any]:
+) -> runtime.Captured:
     """One captured request, as the runtime's CaptureQueue holds it (numeric tensors only)."""
-
-    def tensors(arrays: dict[str, np.ndarray]) -> list[runtime.Tensor]:
-        return [runtime.Tensor(name, datatype_of(array), tuple(array.shape), array) for name, array in arrays.items()]
-
-    return {
-        "id": request_id,
-        "model": "model",
-        "version": version,
-        "time": time.time() if moment is None else moment,
-        "inputs": tensors(inputs),
-        "outputs": tensors(outputs),
-    }
+    tensors = [
+        runtime.Tensor(name, datatype_of(array), tuple(array.shape), array)
+        for name, array in [*inputs.items(), *outputs.items()]
+    ]
+    at = time.time() if moment is None else moment
+    return runtime.Captured(request_id, "model", version, tensors, len(inputs), at)
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -112,7 +106,7 @@ def datatype_of(array: np.ndarray) -> str:
     return next(datatype for datatype, dtype in runtime.DTYPES.items() if dtype == array.dtype.newbyteorder("<"))
 
 
-def payloads(requests: Sequence[dict[str, Any]], max_bytes: int = 1024 * 1024 - 4096) -> list[bytes]:
+def payloads(requests: Sequence[runtime.Captured], max_bytes: int = 1024 * 1024 - 4096) -> list[bytes]:
     """Capture messages of `requests`, packed (and split) by the runtime's own encoder."""
     return runtime.capture_messages(list(requests), max_bytes).payloads
 

@@ -84,7 +84,7 @@ def test_tensors_become_columns_by_shape_and_datatypes_keep_their_width(tmp_path
     assert table.column("output.label").to_pylist() == label.tolist()
     assert table.column("endpoint").to_pylist() == ["shop"] * 4  # the partition folders
     assert table.column("deployment").to_pylist() == ["blue"] * 4
-    assert abs(table.column("time")[0].as_py().timestamp() - captured["time"]) < 1e-5
+    assert abs(table.column("time")[0].as_py().timestamp() - captured.time) < 1e-5
 
 
 def test_inputs_and_outputs_sharing_a_name_do_not_collide(tmp_path: Path) -> None:

@@ -175,7 +175,7 @@ async def test_the_queue_never_waits_drops_beyond_its_capacity_and_batches(tmp_p
     assert metrics.registry.get_sample_value("mlmesh_runtime_capture_rows_total", {"outcome": "dropped"}) == 2
     batches = [await queue.next_batch(0.01) for _ in range(3)]
     assert [len(batch) for batch in batches] == [4, 4, 2]
-    assert [row["id"] for batch in batches for row in batch] == [f"q{n}" for n in range(10)]
+    assert [row.id for batch in batches for row in batch] == [f"q{n}" for n in range(10)]
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(queue.next_batch(0.01), 0.2)  # nothing left: it waits for rows
     messages = domain.capture_messages(batches[0], 1 << 20)
@@ -199,12 +199,12 @@ async def test_the_queue_is_bounded_by_tensor_bytes_too(tmp_path):
     assert metrics.registry.get_sample_value("mlmesh_runtime_capture_rows_total", {"outcome": "dropped"}) == 2
     assert len(await queue.next_batch(0.01)) == 2
     queue.offer(model, "after", [big], [])  # sent rows free their room
-    assert [row["id"] for row in await queue.next_batch(0.01)] == ["after"]
+    assert [row.id for row in await queue.next_batch(0.01)] == ["after"]
 
 
 def test_messages_stay_below_the_limit_split_along_rows_and_leave_out_what_cannot_fit():
-    def row(request_id: str, *tensors: domain.Tensor) -> dict:
-        return {"id": request_id, "model": "adder", "version": "1", "time": 0.0, "inputs": list(tensors), "outputs": []}
+    def row(request_id: str, *tensors: domain.Tensor) -> domain.Captured:
+        return domain.Captured(request_id, "adder", "1", list(tensors), len(tensors), 0.0)
 
     def floats(name: str, rows: int, columns: int = 3) -> domain.Tensor:
         values = np.arange(rows * columns, dtype=np.float32).reshape(rows, columns)
