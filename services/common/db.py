@@ -15,7 +15,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psycopg
 from sqlalchemy import Table, event, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -152,6 +151,8 @@ class Database:
                         "FOR EACH STATEMENT EXECUTE FUNCTION mlmesh_notify_change()"
                     )
                 )
+        import psycopg  # only here: model images, which never reach PostgreSQL, leave it out
+
         arguments, keywords = self.engine.dialect.create_connect_args(self.engine.url)
         self._changes = _Changes(None)
         threading.Thread(
@@ -248,6 +249,8 @@ class _Changes:
     def listen(self, connect: Callable[[], Any], stopped: threading.Event) -> None:
         """Count the change notifications until `stopped`, connecting again after a failure;
         while not connected the generation is unknown, so nothing read meanwhile is trusted."""
+        import psycopg
+
         while not stopped.is_set():
             try:
                 with connect() as connection:
