@@ -253,6 +253,14 @@ def spawn_service(
     return process
 
 
+def wait_until(check: Callable[[], object], timeout: float = 15, what: str = "") -> None:
+    """Poll `check` until it holds; fail after `timeout` seconds, naming `what` was awaited."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or 'the condition'}"
+        time.sleep(0.05)
+
+
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
     """SIGTERM (the service drains and stops), then SIGKILL if it has not stopped in `timeout`."""
     if process.poll() is None:

@@ -43,7 +43,7 @@ from tests.collector.processes import (
     start_collector,
     stop_collector,
 )
-from tests.conftest import NatsServer, RegistryProcess
+from tests.conftest import NatsServer, RegistryProcess, wait_until
 from tests.runtime.conftest import register_adder, spawn_runtime
 
 runner = CliRunner()
@@ -309,13 +309,6 @@ def test_retention_by_age_and_by_size_deletes_the_oldest_files_and_their_rows(co
             f"b2-{n}" for n in range(40)
         }
         assert client.get_retention("sized").max_bytes == files[-1].stat().st_size + 10
-
-
-def wait_until(condition, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------- query, labels, export

@@ -13,6 +13,7 @@ from services.common import db, telemetry
 from services.common.errors import Unavailable
 from services.common.outbox import OutboxEvent
 from services.common.settings import MeshSettings
+from tests.conftest import wait_until
 
 
 def test_steady_writes_keep_the_write_ahead_log_bounded(tmp_path, monkeypatch):
@@ -90,13 +91,6 @@ def test_short_calls_keep_the_callers_trace_context(database_url):
         assert caller == on_thread == short != 0
     finally:
         database.dispose()
-
-
-def wait_until(condition, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)

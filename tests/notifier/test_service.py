@@ -18,7 +18,7 @@ from services._proto.mlmesh.v1 import notifier_pb2, notifier_pb2_grpc
 from services.cli import app
 from services.client import MeshError, NotifierClient, RegistryClient
 from services.common import natsserver
-from tests.conftest import RegistryProcess, start_service, stop_process, stream_events
+from tests.conftest import RegistryProcess, start_service, stop_process, stream_events, wait_until
 from tests.notifier.receiver import Answer, Receiver, serving
 
 SERVICE = "mlmesh.v1.NotifierService"
@@ -70,13 +70,6 @@ def register(registry: RegistryProcess, name: str, directory: Path, count: int =
             client.register_model(name, [directory / "model.bin"])
 
 
-def wait_until(check, timeout: float = 20, what: str = "") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_a_receiver_down_then_failing_then_up_gets_every_event_once(
     notifier: NotifierProcess, registry_process: RegistryProcess, tmp_path: Path
 ) -> None:
@@ -85,7 +78,11 @@ def test_a_receiver_down_then_failing_then_up_gets_every_event_once(
         created = client.create(f"http://127.0.0.1:{port}/hook", ["model.registered"], "down, then flaky")
         assert created.secret.startswith("whsec_") and created.webhook.enabled
         register(registry_process, "flaky-model", tmp_path, count=3)
-        wait_until(lambda: any(d.attempts >= 2 for d in client.deliveries(created.webhook.id)), what="refused attempts")
+        wait_until(
+            lambda: any(d.attempts >= 2 for d in client.deliveries(created.webhook.id)),
+            timeout=20,
+            what="refused attempts",
+        )
         receiver = Receiver([created.secret], script=[Answer(500), Answer(500)])
         with serving(receiver, port):
             receiver.received.wait_for(3)
@@ -138,7 +135,7 @@ def test_410_disables_the_endpoint_and_says_so_with_an_event(
         created = client.create(url + "?token=hidden", ["model.registered"])
         receiver.secrets = [created.secret]
         register(registry_process, "gone-model", tmp_path)
-        wait_until(lambda: not client.get(created.webhook.id).enabled, what="the endpoint disabled")
+        wait_until(lambda: not client.get(created.webhook.id).enabled, what="the endpoint disabled", timeout=20)
         webhook = client.get(created.webhook.id)
         assert webhook.disabled_reason == "it answered 410 Gone"
         assert len(receiver.received.requests) == 1  # not retried
@@ -152,6 +149,7 @@ def test_410_disables_the_endpoint_and_says_so_with_an_event(
             event.data["webhook_id"] == created.webhook.id
             for event in stream_events(registry_process.nats_url, "mlmesh.events.webhook.disabled")
         ),
+        timeout=20,
         what="webhook.disabled",
     )
     (event,) = [
@@ -228,7 +226,7 @@ def test_replay_delivers_a_time_range_again(
         receiver.received.wait_for(2)
         queued = client.replay(created.webhook.id, start, time.time() + 1)
         assert queued == 2
-        wait_until(lambda: receiver.received.duplicates == 2, what="the replayed events")
+        wait_until(lambda: receiver.received.duplicates == 2, what="the replayed events", timeout=20)
         origins = sorted(d.origin for d in client.deliveries(created.webhook.id))
         assert origins == ["event", "event", "replay", "replay"]
         client.delete(created.webhook.id)

@@ -131,7 +131,7 @@ async def test_a_version_read_once_is_answered_from_memory_until_any_process_cha
         async def get(ref: str):
             return (await reader.stub.GetModelVersion(registry_pb2.GetModelVersionRequest(ref=ref))).model_version
 
-        async def eventually(ref: str, check) -> list[str]:
+        async def eventually(ref: str, check):
             """The reader's answer for `ref` once `check` holds (at once on SQLite)."""
             for _ in range(1 if "sqlite" in str(engine.url) else 500):
                 if check(found := await get(ref)):
