@@ -774,11 +774,10 @@ class Registry:
 
     def get_version(self, ref: str, at: float | None = None) -> VersionView:
         reference = Reference.parse(ref)
-        generation = self.database.generation()
+        generation = self.database.generation() if at is None else None
         with self.database.reader() as reader:
             view = self._view(reader, self._version_row(reader, reference, at=at, read_only=True))
-        if at is None:
-            self._cache.put(ref, generation, view)
+        self._cache.put(ref, generation, view)  # kept only when read at no past time, nothing changing meanwhile
         return view
 
     def download(self, ref: str, chunk_bytes: int) -> list[tuple[FileView, Iterator[bytes]]]:

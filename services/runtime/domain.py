@@ -255,8 +255,9 @@ class LoadedModel:
             raise InvalidArgument(f"inputs {', '.join(missing)} are missing", field="inputs")
         return given
 
-    def infer(self, inputs: dict[str, Tensor], requested: Sequence[str] = ()) -> list[Tensor]:
-        """Run the model on checked inputs; `requested` names outputs (empty: every tensor output)."""
+    def infer(self, inputs: dict[str, Tensor], requested: Sequence[str] = (), elements: int = 0) -> list[Tensor]:
+        """Run the model on checked inputs; `requested` names outputs (empty: every tensor output).
+        `elements`: the inputs' element count, when the caller has it already."""
         names = list(requested) or self.onnx_outputs
         unknown = [name for name in names if name not in self.onnx_outputs]
         if unknown:
@@ -270,14 +271,15 @@ class LoadedModel:
             results = self.session.run(names, feeds)
         except Exception as error:  # onnxruntime refuses values the signature could not rule out
             raise InvalidArgument(f"model {self.name} could not run on these inputs: {error}") from error
-        per_element = (time.perf_counter() - started) / max(1, _elements(inputs))
+        per_element = (time.perf_counter() - started) / max(1, elements or _elements(inputs))
         known = self.seconds_per_element
         self.seconds_per_element = 0.8 * known + 0.2 * per_element if known else per_element
         return [output_tensor(name, np.asarray(result)) for name, result in zip(names, results, strict=True)]
 
-    def is_quick(self, inputs: dict[str, Tensor]) -> bool:
-        """Whether inference on `inputs` should take at most INLINE_SECONDS, by the calls so far."""
-        return 0 < self.seconds_per_element * _elements(inputs) <= INLINE_SECONDS
+    def is_quick(self, elements: int) -> bool:
+        """Whether inference on inputs of `elements` elements should take at most INLINE_SECONDS,
+        by the calls so far."""
+        return 0 < self.seconds_per_element * elements <= INLINE_SECONDS
 
 
 def _elements(inputs: dict[str, Tensor]) -> int:
@@ -289,9 +291,10 @@ async def run(model: LoadedModel, inputs: dict[str, Tensor], requested: Sequence
     has been quick for inputs of this size, off it otherwise (onnxruntime releases the GIL)."""
     if model.batcher is not None:
         return await model.batcher.infer(inputs, requested)
-    if model.is_quick(inputs):
-        return model.infer(inputs, requested)
-    return await asyncio.to_thread(model.infer, inputs, requested)
+    elements = _elements(inputs)
+    if model.is_quick(elements):
+        return model.infer(inputs, requested, elements)
+    return await asyncio.to_thread(model.infer, inputs, requested, elements)
 
 
 @dataclass
