@@ -178,22 +178,28 @@ class Database:
 
     def _checkpoint_until_disposed(self) -> None:
         """Copy the write-ahead log into the database file every second, off the callers'
-        threads, so that commits never wait for it (each connection has autocheckpoint off).
-        Under steady writes a PASSIVE checkpoint never catches up with the log's end, so the log
-        never starts over and would grow without end: once it holds WAL_RESTART_BYTES, writers
-        wait (in their queue) for a RESTART checkpoint. The passive round just before has copied
-        all but the last moment's pages, so that wait is short; the next writer then writes the
-        log from its start again (reusing the file: truncating it would take longer)."""
-        page_bytes = 0
+        threads, so that commits never wait for it (each connection has autocheckpoint off)."""
         while not self._stopped.wait(CHECKPOINT_SECONDS):
             try:
-                page_bytes = page_bytes or int(self._pragma("page_size")[0])
-                _, log_pages, _ = self._pragma("wal_checkpoint(PASSIVE)")
-                if log_pages * page_bytes > WAL_RESTART_BYTES and self._writer_turn:
-                    with self._writer_turn.paused():
-                        self._pragma("wal_checkpoint(RESTART)")
+                self.checkpoint()
             except Exception as error:  # the next round tries again
                 log.warning("SQLite checkpoint failed: %s", error)
+
+    def checkpoint(self) -> None:
+        """One round of copying the write-ahead log into the database file. A PASSIVE checkpoint
+        copies what no reader still needs and never waits; under steady writes it never catches
+        up with the log's end, so the log never starts over and would grow without end. Once it
+        holds WAL_RESTART_BYTES, writers wait (in their queue) for a RESTART checkpoint, which
+        waits for readers of older snapshots and copies the rest. The passive round just before
+        has copied all but the last moment's pages, so that wait is short; the next writer then
+        writes the log from its start again (reusing the file: truncating it would take longer)."""
+        if self._writer_turn is None:
+            return
+        page_bytes = int(self._pragma("page_size")[0])
+        _, log_pages, _ = self._pragma("wal_checkpoint(PASSIVE)")
+        if log_pages * page_bytes > WAL_RESTART_BYTES:
+            with self._writer_turn.paused():
+                self._pragma("wal_checkpoint(RESTART)")
 
     def _pragma(self, pragma: str) -> tuple[Any, ...]:
         """The first row of a PRAGMA; wal_checkpoint answers (busy, pages in the log, pages copied)."""
