@@ -5,8 +5,6 @@ on a holdout dataset."""
 from __future__ import annotations
 
 import collections
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -16,13 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from services.common.convert import read_table_file
+from services.common.locks import file_lock
 
 METRICS = {"accuracy": True, "f1": True, "auc": True, "rmse": False}
 """Each metric, and whether higher is better."""
@@ -120,7 +118,7 @@ def prepare_environment(
     key = hashlib.sha256(f"{locked.python_version}\n{locked.lock_text}".encode()).hexdigest()[:16]
     folder = cache / f"{locked.ref.replace(':', '-')}-{key}"
     cache.mkdir(parents=True, exist_ok=True)
-    with _exclusive(cache / f"{folder.name}.lock"):
+    with file_lock(cache / f"{folder.name}.lock"):  # runs sharing an environment make it once
         if (folder / READY).is_file():
             return folder, []
         shutil.rmtree(folder, ignore_errors=True)  # what an interrupted run left
@@ -160,17 +158,6 @@ def _interpreter(locked: LockedEnvironment) -> str:
             f"or register an environment for Python {running}"
         )
     return found
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Held by one run at a time, across processes: runs sharing an environment make it once."""
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_metrics(output_dir: Path) -> dict[str, float]:

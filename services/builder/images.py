@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import hashlib
 import json
 import os
@@ -37,7 +36,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -62,6 +61,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.common.locks import file_lock
 from services.common.names import REGISTERED_NAME
 from services.runtime.settings import RuntimeSettings
 
@@ -237,7 +237,7 @@ class ImageBuilder:
             key = self._key(spec, base_id)
             tag = spec.tag or default_tag(spec, key)
             # Two builds of one key wait for each other; the second then reuses the first's image.
-            with self._locked(key):
+            with file_lock(self.work_dir / "locks" / f"{key}.lock"):
                 existing = _find(engine, key)
                 if existing is not None:
                     on_log(f"reusing image {existing.image_id[:19]} (build key {key[:12]})")
@@ -431,12 +431,6 @@ class ImageBuilder:
         if any(marker in "\n".join(output) for marker in PIP_UNREACHABLE):
             raise Unavailable(f"{failure}: the package index does not answer:\n{reason}")
         raise BuildFailed(f"{failure}:\n{reason}", metadata={"step": "wheels"})
-
-    @contextlib.contextmanager
-    def _locked(self, key: str) -> Iterator[None]:
-        with (_made(self.work_dir / "locks") / f"{key}.lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
 
     # ------------------------------------------------------------------ export and push
 

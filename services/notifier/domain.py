@@ -270,6 +270,16 @@ def retry_after(value: str | None, now: float) -> float | None:
 # ---------------------------------------------------------------- the store
 
 
+@dataclass(slots=True)
+class _Tracked:
+    """A delivery as `Webhooks.record` moves it on, kept current as its batch goes."""
+
+    status: str
+    attempts: int
+    webhook_id: str
+    event_id: str
+
+
 class Webhooks:
     """Endpoints, events and deliveries."""
 
@@ -537,15 +547,14 @@ class Webhooks:
             connection = session.connection()
             ids = [delivery_id for delivery_id, _, _ in attempts]
             columns = (DELIVERIES.c.status, DELIVERIES.c.attempts, DELIVERIES.c.webhook_id, DELIVERIES.c.event_id)
-            # Each delivery's [status, attempts, endpoint, event], kept current as the batch goes.
             query = sql.select(DELIVERIES.c.id, *columns).where(DELIVERIES.c.id.in_(ids))
-            found = {row[0]: list(row[1:]) for row in connection.execute(query)}
+            found = {row[0]: _Tracked(*row[1:]) for row in connection.execute(query)}
             for delivery_id, outcome, now in attempts:
                 delivery = found.get(delivery_id)
-                if delivery is None or delivery[0] != PENDING:
-                    verdicts.append(Verdict(delivery[0] if delivery else FAILED))
+                if delivery is None or delivery.status != PENDING:
+                    verdicts.append(Verdict(delivery.status if delivery else FAILED))
                     continue
-                delivery[1] += 1
+                delivery.attempts += 1
                 logged.append(
                     {
                         "delivery_id": delivery_id,
@@ -556,19 +565,19 @@ class Webhooks:
                         "error": outcome.error[:SNIPPET],
                     }
                 )
-                verdict = judge(outcome, delivery[1], self.schedule, now)
-                delivery[0] = verdict.status
+                verdict = judge(outcome, delivery.attempts, self.schedule, now)
+                delivery.status = verdict.status
                 moved.append(
                     {
                         "delivery": delivery_id,
-                        "attempts": delivery[1],
+                        "attempts": delivery.attempts,
                         "status": verdict.status,
                         "next_attempt_at": verdict.next_attempt_at,
                         "delivered_at": now if verdict.status == DELIVERED else None,
                     }
                 )
                 if verdict.disabled:
-                    disabled.append((delivery[2], verdict.disabled, delivery[3]))
+                    disabled.append((delivery.webhook_id, verdict.disabled, delivery.event_id))
                 verdicts.append(verdict)
             if logged:
                 connection.execute(sql.insert(ATTEMPTS), logged)
