@@ -84,10 +84,15 @@ async def serve(model: str, port: int, version: str, inline: bool, max_message_b
         ]
     )
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(FloorServicer(session, version, inline), server)
+    await serve_until_stopped(server, port, f"floor serving {model} ({'inline' if inline else 'worker thread'})")
+
+
+async def serve_until_stopped(server: grpc.aio.Server, port: int, what: str) -> None:
+    """Listen on 127.0.0.1:`port` and serve until SIGTERM or SIGINT."""
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise SystemExit(f"cannot listen on 127.0.0.1:{port}")
     await server.start()
-    print(f"floor serving {model} on 127.0.0.1:{port} ({'inline' if inline else 'worker thread'})", file=sys.stderr)
+    print(f"{what} on 127.0.0.1:{port}", file=sys.stderr)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for number in (signal.SIGTERM, signal.SIGINT):

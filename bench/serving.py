@@ -9,7 +9,8 @@ Prints one JSON document to stdout; progress goes to stderr. Run from the reposi
 A scikit-learn random forest, converted to ONNX, is registered in a real registry process; every
 server runs as its own process and serves it over the Open Inference Protocol: the floor
 (bench/floor.py: ModelInfer and nothing else), `python -m services.runtime` without and with
-capture, and the endpoint router of a deployment made by `python -m services.deployer`. The same
+capture, the endpoint router of a deployment made by `python -m services.deployer`, and in front
+of the same replica a bare grpc.aio proxy (bench/proxy_floor.py, the router's floor). The same
 h2load load (calls in flight, request bytes) drives each of them in turn, and every figure comes
 with the baseline measured in the same run and the ratio to it; see bench/README.md.
 """
@@ -67,6 +68,7 @@ from services.launcher import health_status
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = Path(__file__).resolve().parent / "floor.py"
+PROXY_FLOOR = Path(__file__).resolve().parent / "proxy_floor.py"
 MODEL_NAME = "bench"
 """The registry name of the model, and the endpoint's name: every server answers to it."""
 ROUTER_MODULE = "services.deployer.router"
@@ -469,6 +471,24 @@ def start_floor(workdir: Path, model: Model, version: str, inline: bool) -> Serv
     )
 
 
+def start_proxy_floor(workdir: Path, endpoint: Endpoint) -> Server:
+    """bench/proxy_floor.py in front of the endpoint's replica: the router's floor."""
+    port = natsserver.free_port()
+    log_path = workdir / "proxy_floor.log"
+    command = [sys.executable, str(PROXY_FLOOR), str(port), endpoint.replica_address]
+    process = spawn(command, clean_environment(), log_path)
+    return Server(
+        "proxy_floor",
+        f"127.0.0.1:{port}",
+        [process.pid, *endpoint.replica_pids],
+        "bench/proxy_floor.py: bare grpc.aio proxy passing ModelInfer bytes to the endpoint's replica (the one "
+        "behind the router); CPU counts the proxy and the replica",
+        process,
+        log_path,
+        roles={process.pid: "proxy", **dict.fromkeys(endpoint.replica_pids, "replica")},
+    )
+
+
 async def start_runtime(
     home: Path, registry_address: str, ref: str, capture_nats_url: str | None, name: str = ""
 ) -> Server:
@@ -530,6 +550,8 @@ class Endpoint:
     home: Path
     server: Server | None = None
     setup_seconds: float | None = None
+    replica_address: str = ""
+    replica_pids: list[int] = field(default_factory=list)
 
     def stop(self) -> None:
         with contextlib.suppress(Exception), DeployerClient(self.address, actor="bench", timeout=60) as client:
@@ -589,6 +611,8 @@ async def start_endpoint(home: Path, registry_address: str, nats_url: str, ref: 
             roles={**dict.fromkeys(routers, "router"), **dict.fromkeys(replicas, "replica")},
         )
         endpoint.setup_seconds = round(time.perf_counter() - started, 2)
+        endpoint.replica_address = deployment.replica_states[0].grpc_address
+        endpoint.replica_pids = replicas
         return endpoint
     except BaseException:
         await asyncio.to_thread(endpoint.stop)
@@ -1125,7 +1149,8 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
 
             log.info("starting the servers ...")
             # In this order (reversed every other round) each judged pair runs side by side:
-            # floor and runtime, runtime_capture between runtime and runtime_twin; the router last.
+            # floor and runtime, runtime_capture between runtime and runtime_twin; the proxy floor and the
+            # router last.
             servers.append(start_floor(workdir, model, str(version.version), inline=True))
             servers.append(start_floor(workdir, model, str(version.version), inline=False))
             servers.append(await start_runtime(workdir / "runtime", registry_address, ref, None))
@@ -1136,6 +1161,7 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
                 try:
                     endpoint = await start_endpoint(workdir / "deployer", registry_address, nats_server.url, ref)
                     assert endpoint.server is not None
+                    servers.append(start_proxy_floor(workdir, endpoint))
                     servers.append(endpoint.server)
                     report["setup"]["endpoint_ready_seconds"] = endpoint.setup_seconds
                 except Exception as error:
@@ -1194,6 +1220,9 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
             results["ratios"] = {
                 "single_row_calls_per_second_to_floor": ratios_to(results["single_row"], "floor", "per_second"),
                 "single_row_calls_per_second_to_runtime": ratios_to(results["single_row"], "runtime", "per_second"),
+                "single_row_calls_per_second_to_proxy_floor": ratios_to(
+                    results["single_row"], "proxy_floor", "per_second"
+                ),
                 "rows_1000_rows_per_second_to_floor": ratios_to(results["rows_1000"], "floor", "rows_per_second"),
                 "rows_1000_rows_per_second_to_runtime": ratios_to(results["rows_1000"], "runtime", "rows_per_second"),
             }
