@@ -8,6 +8,8 @@ The header never holds a raw newline (JSON escapes it inside strings), so the fi
 
 from __future__ import annotations
 
+from typing import Any
+
 HEADER_END = b"\n"
 
 
@@ -15,8 +17,9 @@ class MalformedFrame(ValueError):
     """A capture message without a header line."""
 
 
-def frame(header: bytes, body: list[bytes]) -> bytes:
-    """A capture message of `header` (JSON without a raw newline) and the parts of its body."""
+def frame(header: bytes, body: list[Any]) -> bytes:
+    """A capture message of `header` (JSON without a raw newline) and the parts of its body
+    (bytes-like: bytes, or memoryviews of arrays, copied once into the message here)."""
     return b"".join([header, HEADER_END, *body])
 
 

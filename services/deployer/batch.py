@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
 from services.common import bus
+from services.common.server import prepare_process
 from services.deployer import domain, local
 from services.deployer.settings import BatchWorkerSettings
 
@@ -371,7 +372,7 @@ def score_part(scorer: Scorer, part: dict[str, Any], columns: list[str], output:
 
 def main() -> None:
     settings = BatchWorkerSettings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prepare_process(settings)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(work(settings))
 

@@ -602,7 +602,7 @@ def capture_messages(rows: list[Captured], max_bytes: int) -> CaptureMessages:
     room = max_bytes - len(head) - len(tail) - len(capture.HEADER_END)
     messages = CaptureMessages([], [], 0)
     texts: list[str] = []
-    body: list[bytes] = []
+    body: list[Any] = []
     size = completed = 0
 
     def close() -> None:
@@ -628,17 +628,23 @@ def capture_messages(rows: list[Captured], max_bytes: int) -> CaptureMessages:
 @dataclass
 class _CaptureRecord:
     text: str
-    body: list[bytes]
+    body: list[Any]
+    """bytes-like parts (bytes, and memoryviews of the arrays)."""
     size: int
     """Bytes of the header text and the body together."""
     requests: int
     """The requests that this record completes (a piece of a split request but the last: none)."""
 
 
+STACK_BELOW_BYTES = 64 * 1024
+"""Requests with fewer tensor bytes are stacked into one record with those like them; a larger one
+is a record of its own, its arrays copied only into the message (a record costs ~100 bytes)."""
+
+
 def _capture_runs(rows: list[Captured]) -> list[list[Captured]]:
     """`rows` cut into runs of consecutive requests that stack into one record: same model
-    version, same tensors of the same shapes, all with the same first dimension. Any other
-    request is a run of its own."""
+    version, same tensors of the same shapes, all with the same first dimension, each smaller
+    than STACK_BELOW_BYTES. Any other request is a run of its own."""
     runs: list[list[Captured]] = []
     previous: Any = None
     stackable = False
@@ -647,7 +653,7 @@ def _capture_runs(rows: list[Captured]) -> list[list[Captured]]:
         key = (row.model, row.version, row.inputs_count, row.fields, *shapes)
         if key != previous:
             runs.append([])
-            previous, stackable = key, _common_rows(shapes) is not None
+            previous, stackable = key, _common_rows(shapes) is not None and row.bytes < STACK_BELOW_BYTES
         elif not stackable:
             runs.append([])
         runs[-1].append(row)
@@ -737,7 +743,7 @@ def _json_name(text: str) -> str:
     return _json_texts([text])
 
 
-def _capture_tensor(tensor: Tensor, body: list[bytes]) -> str:
+def _capture_tensor(tensor: Tensor, body: list[Any]) -> str:
     """A tensor's header entry; its raw bytes go to `body` (BYTES travel in the header as strings)."""
     shape = ",".join(str(int(size)) for size in tensor.shape)
     head = f'{{"name":{_json_name(tensor.name)},"datatype":"{tensor.datatype}","shape":[{shape}]'
@@ -748,8 +754,11 @@ def _capture_tensor(tensor: Tensor, body: list[bytes]) -> str:
         ]
         return f'{head},"data":{json.dumps(data)}}}'
     array = tensor.array
-    # tobytes() is row-major whatever the layout; only big-endian data needs its bytes swapped.
-    body.append((array.byteswap() if array.dtype.byteorder == ">" else array).tobytes())
+    if array.dtype.byteorder == ">":  # the body is little-endian
+        array = array.byteswap()
+    # The array's own memory, row-major (copied only when it is not laid out so): the message is
+    # the one copy made of it.
+    body.append(memoryview(np.ascontiguousarray(array)).cast("B"))
     return f"{head}}}"
 
 

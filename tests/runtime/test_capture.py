@@ -235,3 +235,24 @@ def adder_model(tmp_path) -> tuple[domain.LoadedModel, domain.Metrics]:
     store = domain.ModelStore()
     store.add(model)
     return model, domain.Metrics(store)
+
+
+def test_large_requests_travel_in_records_of_their_own_with_their_values_intact():
+    def row(request_id: str, array: np.ndarray) -> domain.Captured:
+        return domain.Captured(request_id, "adder", "1", [domain.Tensor("x", "FP32", array.shape, array)], 1, 0.0)
+
+    big = np.arange(3 * 20_000, dtype=np.float32).reshape(20_000, 3)  # 240 KB: above STACK_BELOW_BYTES
+    rows = [
+        row("big0", big),
+        row("big1", big + 1),
+        row("strided", np.asfortranarray(big + 2)),  # not row-major in memory
+        row("big-endian", (big + 3).astype(">f4")),
+    ]
+    messages = domain.capture_messages(rows, 4 << 20)
+    assert (messages.requests, messages.too_large) == ([4], 0)
+    header = json.loads(capture.split(messages.payloads[0])[0])
+    assert [record["ids"] for record in header["records"]] == [["big0"], ["big1"], ["strided"], ["big-endian"]]
+    decoded = {record["id"]: record["inputs"][0] for record in captured_requests(messages.payloads[0])}
+    assert np.array_equal(np.array(decoded["big1"]["data"]).reshape(-1, 3), big + 1)
+    assert np.array_equal(np.array(decoded["strided"]["data"]).reshape(-1, 3), big + 2)
+    assert np.array_equal(np.array(decoded["big-endian"]["data"]).reshape(-1, 3), big + 3)
