@@ -19,7 +19,7 @@ class MalformedFrame(ValueError):
 
 def frame(header: bytes, body: list[Any]) -> bytes:
     """A capture message of `header` (JSON without a raw newline) and the parts of its body
-    (bytes-like: bytes, or memoryviews of arrays, copied once into the message here)."""
+    (bytes-like: bytes, or arrays' memory, copied once into the message here)."""
     return b"".join([header, HEADER_END, *body])
 
 

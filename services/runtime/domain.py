@@ -629,7 +629,7 @@ def capture_messages(rows: list[Captured], max_bytes: int) -> CaptureMessages:
 class _CaptureRecord:
     text: str
     body: list[Any]
-    """bytes-like parts (bytes, and memoryviews of the arrays)."""
+    """bytes-like parts (bytes, and the arrays' memory as uint8 arrays)."""
     size: int
     """Bytes of the header text and the body together."""
     requests: int
@@ -756,9 +756,9 @@ def _capture_tensor(tensor: Tensor, body: list[Any]) -> str:
     array = tensor.array
     if array.dtype.byteorder == ">":  # the body is little-endian
         array = array.byteswap()
-    # The array's own memory, row-major (copied only when it is not laid out so): the message is
-    # the one copy made of it.
-    body.append(memoryview(np.ascontiguousarray(array)).cast("B"))
+    # The array's own memory as bytes, row-major (copied only when it is not laid out so): the
+    # message is the one copy made of it.
+    body.append(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     return f"{head}}}"
 
 

@@ -247,12 +247,20 @@ def test_large_requests_travel_in_records_of_their_own_with_their_values_intact(
         row("big1", big + 1),
         row("strided", np.asfortranarray(big + 2)),  # not row-major in memory
         row("big-endian", (big + 3).astype(">f4")),
+        row("empty", np.zeros((0, 3), np.float32)),  # no rows at all: nothing in the body
     ]
     messages = domain.capture_messages(rows, 4 << 20)
-    assert (messages.requests, messages.too_large) == ([4], 0)
+    assert (messages.requests, messages.too_large) == ([5], 0)
     header = json.loads(capture.split(messages.payloads[0])[0])
-    assert [record["ids"] for record in header["records"]] == [["big0"], ["big1"], ["strided"], ["big-endian"]]
+    assert [record["ids"] for record in header["records"]] == [
+        ["big0"],
+        ["big1"],
+        ["strided"],
+        ["big-endian"],
+        ["empty"],
+    ]
     decoded = {record["id"]: record["inputs"][0] for record in captured_requests(messages.payloads[0])}
     assert np.array_equal(np.array(decoded["big1"]["data"]).reshape(-1, 3), big + 1)
     assert np.array_equal(np.array(decoded["strided"]["data"]).reshape(-1, 3), big + 2)
     assert np.array_equal(np.array(decoded["big-endian"]["data"]).reshape(-1, 3), big + 3)
+    assert decoded["empty"]["shape"] == [0, 3] and decoded["empty"]["data"] == []
