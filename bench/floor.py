@@ -27,6 +27,7 @@ import onnxruntime
 
 from services._proto.inference import open_inference_pb2 as oip
 from services._proto.inference import open_inference_pb2_grpc as oip_grpc
+from services.common.memory import reuse_large_blocks
 
 # The datatypes this floor handles: OIP name -> (numpy dtype, field of InferTensorContents).
 TYPES: dict[str, tuple[np.dtype[Any], str]] = {
@@ -88,7 +89,10 @@ async def serve(model: str, port: int, version: str, inline: bool, max_message_b
 
 
 async def serve_until_stopped(server: grpc.aio.Server, port: int, what: str) -> None:
-    """Listen on 127.0.0.1:`port` and serve until SIGTERM or SIGINT."""
+    """Listen on 127.0.0.1:`port` and serve until SIGTERM or SIGINT. Large blocks of memory are
+    reused as in every mlmesh process (services.common.memory), so that a
+    comparison with the runtime or the router measures what the server does, not the allocator."""
+    reuse_large_blocks()
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise SystemExit(f"cannot listen on 127.0.0.1:{port}")
     await server.start()

@@ -1,0 +1,25 @@
+"""How a process's memory is handed out: glibc's malloc, set up once at start."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+
+MALLOC_MMAP_THRESHOLD_BYTES = 8 * 1024 * 1024
+"""Blocks up to this size come from malloc's heap, reused, rather than from fresh mmaps."""
+MALLOC_TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024
+"""Free memory at the top of malloc's heap that is kept for reuse, not given back to the system."""
+
+
+def reuse_large_blocks() -> None:
+    """Let glibc's malloc serve large blocks from its heap, reused.
+
+    By default glibc serves each block above 128 KiB with an mmap of its own and unmaps it when
+    freed, so each new one faults in its pages afresh: building one 1 MB NATS message (nats-py
+    concatenates the payload twice) took 1.15 ms here, 476 page faults, and 0.15 ms with none once
+    such blocks come from the heap. Requests, answers, capture messages and file chunks are such
+    blocks, allocated and freed on every call. Elsewhere than glibc this does nothing."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, MALLOC_MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, MALLOC_TRIM_THRESHOLD_BYTES)  # M_TRIM_THRESHOLD
