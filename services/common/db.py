@@ -67,6 +67,7 @@ class Database:
         # PostgreSQL writers run side by side.
         self._writer_turn: _WriterTurn | None = None
         self._stopped = threading.Event()
+        self._page_bytes = 0  # SQLite's page size, asked once
         if self.is_sqlite:
             self._writer_turn = _WriterTurn(Path(f"{parsed.database}.writer") if on_file else None)
             if on_file:
@@ -195,9 +196,9 @@ class Database:
         writes the log from its start again (reusing the file: truncating it would take longer)."""
         if self._writer_turn is None:
             return
-        page_bytes = int(self._pragma("page_size")[0])
+        self._page_bytes = self._page_bytes or int(self._pragma("page_size")[0])
         _, log_pages, _ = self._pragma("wal_checkpoint(PASSIVE)")
-        if log_pages * page_bytes > WAL_RESTART_BYTES:
+        if log_pages * self._page_bytes > WAL_RESTART_BYTES:
             with self._writer_turn.paused():
                 self._pragma("wal_checkpoint(RESTART)")
 
