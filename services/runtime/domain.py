@@ -14,7 +14,7 @@ import math
 import struct
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata as package_metadata
@@ -501,27 +501,33 @@ def _version_order(version: str) -> tuple[int, str]:
 
 
 class Captured:
-    """One captured request: its tensors' names and datatypes, and their arrays (inputs first).
-    Few objects that the garbage collector follows (this one alone, in the end), since many wait
-    in the queue at once: every tracked object that survives adds to each collection's work."""
+    """One captured request: its tensors' names, datatypes and shapes (`layout`), and their arrays
+    (inputs first). Few objects that the garbage collector follows (this one alone, in the end),
+    since many wait in the queue at once: every tracked object that survives adds to each
+    collection's work. Made on every answered request, so in one pass over the tensors."""
 
-    __slots__ = ("arrays", "bytes", "fields", "id", "inputs_count", "model", "time", "version")
+    __slots__ = ("arrays", "bytes", "id", "inputs_count", "layout", "model", "time", "version")
 
     def __init__(
         self, request_id: str, model: str, version: str, tensors: list[Tensor], inputs_count: int, at: float
     ) -> None:
         self.id, self.model, self.version, self.time = request_id, model, version, at
         self.inputs_count = inputs_count
-        self.fields = tuple([field for tensor in tensors for field in (tensor.name, tensor.datatype)])
-        self.arrays = tuple([tensor.array for tensor in tensors])
-        self.bytes = sum([array.nbytes for array in self.arrays])
+        layout, arrays, size = [], [], 0
+        for tensor in tensors:
+            array = tensor.array
+            layout.append((tensor.name, tensor.datatype, array.shape))
+            arrays.append(array)
+            size += array.nbytes
+        self.layout: tuple[tuple[str, str, tuple[int, ...]], ...] = tuple(layout)
+        self.arrays: tuple[np.ndarray, ...] = tuple(arrays)
+        self.bytes: int = size
 
     def tensors(self, arrays: Sequence[np.ndarray] | None = None) -> list[Tensor]:
         """Its tensors, inputs first (with `arrays` in place of its own, when given)."""
-        fields = self.fields
         return [
-            Tensor(fields[2 * number], fields[2 * number + 1], array.shape, array)
-            for number, array in enumerate(self.arrays if arrays is None else arrays)
+            Tensor(name, datatype, array.shape, array)
+            for (name, datatype, _), array in zip(self.layout, self.arrays if arrays is None else arrays, strict=True)
         ]
 
 
@@ -540,11 +546,8 @@ class CaptureQueue:
         self._some = asyncio.Event()
         self._batch = asyncio.Event()
 
-    def offer(self, model: LoadedModel, request_id: str, inputs: Iterable[Tensor], outputs: Iterable[Tensor]) -> None:
-        tensors = [*inputs]
-        inputs_count = len(tensors)
-        tensors += outputs
-        row = Captured(request_id, model.name, model.version, tensors, inputs_count, time.time())
+    def offer(self, model: LoadedModel, request_id: str, inputs: Collection[Tensor], outputs: Iterable[Tensor]) -> None:
+        row = Captured(request_id, model.name, model.version, [*inputs, *outputs], len(inputs), time.time())
         if len(self._rows) >= self.capacity or self._bytes + row.bytes > self.capacity_bytes:
             self.metrics.capture_rows.labels("dropped").inc()
             return
@@ -649,10 +652,10 @@ def _capture_runs(rows: list[Captured]) -> list[list[Captured]]:
     previous: Any = None
     stackable = False
     for row in rows:
-        shapes = [array.shape for array in row.arrays]
-        key = (row.model, row.version, row.inputs_count, row.fields, *shapes)
+        key = (row.model, row.version, row.inputs_count, row.layout)
         if key != previous:
             runs.append([])
+            shapes = [shape for _, _, shape in row.layout]
             previous, stackable = key, _common_rows(shapes) is not None and row.bytes < STACK_BELOW_BYTES
         elif not stackable:
             runs.append([])
