@@ -90,13 +90,12 @@ class Outbox:
         staged = session.info.get("outbox_staged")
         if staged is None:
             staged = session.info["outbox_staged"] = []
-            sqlalchemy_event.listen(session, "after_commit", self._committed)
-            sqlalchemy_event.listen(session, "after_rollback", _forget_staged)
+            session.info["outbox"] = self  # for _hand_over_staged, once the session commits
         staged.append(row)
 
-    def _committed(self, session: Session) -> None:
-        rows = session.info.pop("outbox_staged", None)
-        if rows and self._loop is not None and not self._loop.is_closed():
+    def committed(self, rows: list[dict[str, Any]]) -> None:
+        """Rows of a transaction that has just committed: to the relay's loop."""
+        if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._hand_over, rows)
 
     def _hand_over(self, rows: list[dict[str, Any]]) -> None:
@@ -115,7 +114,18 @@ class Outbox:
         self._wake.clear()
 
 
+# Listeners on the Session class, not on each session: adding a listener to one session costs
+# SQLAlchemy about as much as the insert itself.
+@sqlalchemy_event.listens_for(Session, "after_commit")
+def _hand_over_staged(session: Session) -> None:
+    outbox, rows = session.info.pop("outbox", None), session.info.pop("outbox_staged", None)
+    if outbox is not None and rows:
+        outbox.committed(rows)
+
+
+@sqlalchemy_event.listens_for(Session, "after_rollback")
 def _forget_staged(session: Session) -> None:
+    session.info.pop("outbox", None)
     session.info.pop("outbox_staged", None)
 
 
