@@ -196,3 +196,22 @@ async def test_ensure_stream_is_idempotent(nats_server):
     await connection.close()
     assert info.config.subjects == [events.SUBJECTS]
     assert info.config.duplicate_window == events.DUPLICATE_WINDOW_SECONDS
+
+
+async def test_only_committed_events_reach_the_live_path_each_to_its_own_outbox(tmp_path):
+    database = make_database(f"sqlite:///{tmp_path / 'handover.db'}")
+    first, second = Outbox(), Outbox()
+    for outbox in (first, second):
+        outbox.bind(asyncio.get_running_loop())
+    try:
+        committed = stage(database, first, 2, prefix="kept")
+        with pytest.raises(RuntimeError), database.transaction() as session:
+            first.add(session, events.make_event("test", events.ModelDeleted(name="gone", version=1), "models/gone"))
+            raise RuntimeError("the change failed")
+        stage(database, second, 1, prefix="other")
+        await asyncio.sleep(0.05)  # the hand-over is scheduled on the loop
+        assert [row["id"] for row in first.ready] == committed
+        assert [json.loads(row["payload"])["data"]["name"] for row in second.ready] == ["other0"]
+        assert pending_count(database) == 3
+    finally:
+        database.dispose()
