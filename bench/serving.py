@@ -802,9 +802,8 @@ async def capture_pairs(
     runtime processes differ here by up to ~10% for the whole of their lives (where their memory
     and threads landed), more than the effect judged; fresh pairs average that out."""
     answer_size = load.answer_size["runtime"]
+    figures: dict[str, list[dict[str, Any]]] = {"runtime": [], "runtime_capture": []}  # each pair's summary
     pairs: list[dict[str, Any]] = []
-    totals = {"runtime": [0, 0.0, 0.0], "runtime_capture": [0, 0.0, 0.0]}  # calls, seconds, CPU seconds
-    pair_keys = {"runtime": "runtime_per_second", "runtime_capture": "capture_per_second"}
     for number in range(plan.capture_pairs):
         log.info("capture pair %d of %d ...", number + 1, plan.capture_pairs)
         home = workdir / f"pair-{number}"
@@ -821,14 +820,11 @@ async def capture_pairs(
         finally:
             for server in servers:
                 server.stop()
-        figures = [measured[server.name] for server in servers]
-        if any("error" in figure for figure in figures):
-            raise RuntimeError(f"capture pair {number}: {[figure.get('error') for figure in figures]}")
-        for kind, figure in zip(totals, figures, strict=True):
-            totals[kind][0] += figure["calls"]
-            totals[kind][1] += figure["seconds"]
-            totals[kind][2] += (figure.get("server_cpu_us_per_call") or 0) * figure["calls"] / 1e6
-        plain, capturing = figures
+        plain, capturing = (measured[server.name] for server in servers)
+        if "error" in plain or "error" in capturing:
+            raise RuntimeError(f"capture pair {number}: {plain.get('error') or capturing.get('error')}")
+        figures["runtime"].append(plain)
+        figures["runtime_capture"].append(capturing)
         cpu = "server_cpu_us_per_call"
         pairs.append(
             {
@@ -840,24 +836,34 @@ async def capture_pairs(
                 "every_request_captured": captured["every_request_captured"],
             }
         )
-    result: dict[str, Any] = {
+    return {
         "how": (
             f"{plan.capture_pairs} pair(s) of fresh `python -m services.runtime` processes, one without capture and "
             f"one with, each pair measured {plan.rounds} round(s) in alternating order and then stopped; per_second "
             "sums every pair's calls over their seconds"
         ),
         "pairs": pairs,
+        **{kind: over_pairs(summaries) for kind, summaries in figures.items()},
     }
-    for kind, (calls, seconds, cpu) in totals.items():
-        result[kind] = {
-            "calls": calls,
-            "per_second": round(calls / seconds, 1) if seconds else None,
-            "server_cpu_us_per_call": round(cpu / calls * 1e6, 1) if calls else None,
-            "answers_checked": all(pair["answers_checked"] for pair in pairs),
-            # One "round" per pair, so that the verdict gives the pairs one by one.
-            "rounds": [{"per_second": pair[pair_keys[kind]]} for pair in pairs],
-        }
-    return result
+
+
+def over_pairs(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One kind of server over every pair: its calls over their seconds, its CPU per call over its
+    calls, and one "round" per pair, so that the verdict gives the pairs one by one."""
+    calls = sum(summary["calls"] for summary in summaries)
+    seconds = sum(summary["seconds"] for summary in summaries)
+    cpu = [summary.get("server_cpu_us_per_call") for summary in summaries]
+    return {
+        "calls": calls,
+        "per_second": round(calls / seconds, 1) if seconds else None,
+        "server_cpu_us_per_call": (
+            round(sum(us * summary["calls"] for us, summary in zip(cpu, summaries, strict=True)) / calls, 1)
+            if calls and None not in cpu
+            else None
+        ),
+        "answers_checked": all(summary["answers_checked"] for summary in summaries),
+        "rounds": [{"per_second": summary["per_second"]} for summary in summaries],
+    }
 
 
 def summarise(measured: Measured, rows: int) -> dict[str, Any]:
@@ -1052,9 +1058,6 @@ def judge(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
         for key in path:
             value = value.get(key) if isinstance(value, dict) else None
         return value if isinstance(value, int | float) else None
-
-    def mean(*values: float | None) -> float | None:
-        return None if None in values else round(sum(values) / len(values), 1)  # type: ignore[arg-type]
 
     pairs = {
         "runtime_single_row_throughput": ("single_row", "runtime", "floor", ("per_second",), "calls/s"),
