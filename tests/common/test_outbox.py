@@ -208,10 +208,17 @@ async def test_only_committed_events_reach_the_live_path_each_to_its_own_outbox(
         with pytest.raises(RuntimeError), database.transaction() as session:
             first.add(session, events.make_event("test", events.ModelDeleted(name="gone", version=1), "models/gone"))
             raise RuntimeError("the change failed")
+        # A session that rolls back and then commits more hands over only what it committed.
+        with database.transaction() as session:
+            first.add(session, events.make_event("test", events.ModelDeleted(name="undone", version=1), "models/u"))
+            session.rollback()
+            retried = events.make_event("test", events.ModelDeleted(name="retried", version=1), "models/r")
+            first.add(session, retried)
+        committed.append(retried.id)
         stage(database, second, 1, prefix="other")
         await asyncio.sleep(0.05)  # the hand-over is scheduled on the loop
         assert [row["id"] for row in first.ready] == committed
         assert [json.loads(row["payload"])["data"]["name"] for row in second.ready] == ["other0"]
-        assert pending_count(database) == 3
+        assert pending_count(database) == 4
     finally:
         database.dispose()
