@@ -2,7 +2,7 @@
 
 A service adds an event to its outbox in the same database transaction as the change the
 event describes, so either both happen or neither. The relay publishes unsent rows to the
-`MLMESH_EVENTS` stream with `Nats-Msg-Id` = event id, waits for each ack, and marks them sent.
+`MLMESH_EVENTS` stream with `Nats-Msg-Id` = event id, waits for their acks, and marks them sent.
 
 Two paths lead to NATS. Live: when a transaction commits, its rows are handed to the relay of
 the same process, which publishes them at once without reading them back. Catch-up: at start,
@@ -165,7 +165,8 @@ class Relay:
         self.outbox.bind(asyncio.get_running_loop())
         connection = await bus.connect_with_retry(self.nats_url, name="outbox-relay")
         try:
-            jetstream = connection.jetstream(timeout=self.publish_timeout)
+            # A batch is sent whole before its acks are awaited: room for all of it.
+            jetstream = connection.jetstream(timeout=self.publish_timeout, publish_async_max_pending=self.batch_size)
             backoff = 0.1
             stream_checked = False
             while True:
@@ -246,12 +247,28 @@ class Relay:
             raise failure
 
     async def _publish_rows(self, jetstream: Any, rows: list[Any]) -> tuple[list[str], BaseException | None]:
-        """Publish rows (id, subject, payload, headers) at once; the ids JetStream acknowledged,
-        and the first failure, if any."""
-        results = await asyncio.gather(*(self._publish(jetstream, row) for row in rows), return_exceptions=True)
-        sent = [row.id for row, result in zip(rows, results, strict=True) if not isinstance(result, BaseException)]
+        """Publish rows (id, subject, payload, headers) without waiting between them, then wait for
+        their acks together; the ids JetStream acknowledged, and the first failure, if any."""
+        acks: list[tuple[str, asyncio.Future[Any]]] = []
+        failure: BaseException | None = None
+        try:
+            for row in rows:
+                acks.append((row.id, await self._publish(jetstream, row)))
+        except Exception as error:  # NATS went away mid-batch: what was sent may still be acked
+            failure = error
+        if acks:
+            _, late = await asyncio.wait([ack for _, ack in acks], timeout=self.publish_timeout)
+            for ack in late:
+                ack.cancel()
+        sent = []
+        for row_id, ack in acks:
+            if ack.cancelled():
+                failure = failure or TimeoutError(f"no ack from JetStream within {self.publish_timeout}s")
+            elif ack.exception() is not None:
+                failure = failure or ack.exception()
+            else:
+                sent.append(row_id)
         self.published += len(sent)
-        failure = next((result for result in results if isinstance(result, BaseException)), None)
         return sent, failure
 
     async def _flush_marks(self) -> None:
@@ -264,12 +281,15 @@ class Relay:
         finally:
             self._thread.submit(session.close)
 
-    async def _publish(self, jetstream: Any, row: Any) -> Any:
+    async def _publish(self, jetstream: Any, row: Any) -> asyncio.Future[Any]:
+        """Send one row; the future of its ack."""
         headers = json.loads(row.headers)
+        headers["Nats-Msg-Id"] = row.id
+        if "traceparent" not in headers:  # no trace to continue: telemetry.setup records no root spans
+            return await jetstream.publish_async(row.subject, row.payload, headers=headers)
         with telemetry.messaging_span("send", row.subject, headers):
             headers.update(telemetry.inject_headers())  # the send span becomes the consumer's parent
-            headers["Nats-Msg-Id"] = row.id
-            return await jetstream.publish(row.subject, row.payload, headers=headers)
+            return await jetstream.publish_async(row.subject, row.payload, headers=headers)
 
     async def _in_relay_thread(self, function: Any, *args: Any) -> Any:
         """Database work runs in the relay's one thread: off the event loop, one session at a time."""

@@ -162,6 +162,22 @@ async def test_live_events_keep_commit_order_and_an_overflow_catches_up_from_the
     assert await stream_ids(nats_server.url) == ids
 
 
+async def test_a_row_jetstream_does_not_acknowledge_stays_pending_and_the_rest_are_marked_sent(tmp_path, nats_server):
+    database = make_database(f"sqlite:///{tmp_path / 'o.db'}")
+    outbox = Outbox()
+    ids = stage(database, outbox, 3, "before")
+    with database.transaction() as session:  # a subject no stream takes: NATS answers "no responders"
+        session.add(OutboxEvent(id="unroutable", subject="elsewhere.x", payload=b"{}", created_at=time.time()))
+    ids += stage(database, outbox, 3, "after")
+    relay = Relay(database, outbox, nats_server.url, poll_seconds=0.2)
+    async with running(relay):
+        await wait_until(lambda: relay.published == 6)
+        await wait_until(lambda: pending_count(database) == 1)
+    assert await stream_ids(nats_server.url) == ids
+    with database.session() as session:
+        assert session.get(OutboxEvent, "unroutable").sent_at is None
+
+
 def test_sent_rows_are_pruned_after_retention(tmp_path):
     database = make_database(f"sqlite:///{tmp_path / 'o.db'}")
     outbox = Outbox()
