@@ -15,10 +15,10 @@ if TYPE_CHECKING:
 
 def timestamp(seconds: float | None) -> Timestamp:
     """Unix seconds -> Timestamp (unset when None)."""
-    value = Timestamp()
-    if seconds is not None:
-        value.FromNanoseconds(int(seconds * 1e9))
-    return value
+    if seconds is None:
+        return Timestamp()
+    nanoseconds = int(seconds * 1e9)
+    return Timestamp(seconds=nanoseconds // 1_000_000_000, nanos=nanoseconds % 1_000_000_000)
 
 
 def seconds(value: Timestamp, has_value: bool) -> float | None:

@@ -612,7 +612,7 @@ class Registry:
                 _RELATED_OF,
                 {"ids": [row.id for row in rows], "names": list({row.name for row in rows})},
             )
-        for kind, number, first, second, size in reader.execute(statement, related):
+        for kind, number, first, second, size in reader.execute(statement, related).all():
             if kind == "f":
                 files.setdefault(number, []).append(FileView(first, size, second))
             elif kind == "t":
@@ -629,16 +629,15 @@ class Registry:
                 description=row.description,
                 tags=tags.get(row.id, {}),
                 signature=_stored_signature(row.signature),
-                # Stored rows were validated on the way in: construct, do not validate again.
-                lineage=Lineage.model_construct(
-                    run_id=row.run_id,
-                    experiment=row.experiment,
-                    git_repo=row.git_repo,
-                    git_branch=row.git_branch,
-                    git_commit=row.git_commit,
-                    datasets=json.loads(row.datasets) if row.datasets != "[]" else [],
-                    environment=row.environment,
-                    parent_version=row.parent_version,
+                lineage=_stored_lineage(
+                    row.run_id,
+                    row.experiment,
+                    row.git_repo,
+                    row.git_branch,
+                    row.git_commit,
+                    row.datasets,
+                    row.environment,
+                    row.parent_version,
                 ),
                 files=sorted(files.get(row.id, []), key=_path),
                 aliases=sorted(aliases.get((row.name, row.version), [])),
@@ -866,7 +865,7 @@ class Registry:
             alias=query.alias,
         )
         with self.database.reader() as reader:
-            rows = list(reader.execute(statement, values))
+            rows = reader.execute(statement, values).all()
             return self._views(reader, rows[:size]), paging.next_token(offset, size, len(rows))
 
     # ------------------------------------------------------------ changing
@@ -1499,6 +1498,31 @@ class DatasetUpload(_Receiving):
 
 def _path(file: FileView) -> str:
     return file.path
+
+
+@functools.lru_cache(maxsize=4096)
+def _stored_lineage(
+    run_id: str,
+    experiment: str,
+    git_repo: str,
+    git_branch: str,
+    git_commit: str,
+    datasets: str,
+    environment: str,
+    parent_version: int,
+) -> Lineage:
+    """A lineage as stored (validated when registered), rebuilt without validating again. Many
+    versions share one (most often the empty one), so rebuilt ones are kept (never mutate them)."""
+    return Lineage.model_construct(
+        run_id=run_id,
+        experiment=experiment,
+        git_repo=git_repo,
+        git_branch=git_branch,
+        git_commit=git_commit,
+        datasets=json.loads(datasets) if datasets != "[]" else [],
+        environment=environment,
+        parent_version=parent_version,
+    )
 
 
 @functools.lru_cache(maxsize=4096)

@@ -73,8 +73,8 @@ def version_to_proto(view: domain.VersionView) -> registry_pb2.ModelVersion:
         description=view.description,
         tags=view.tags,
         signature=common_pb2.Signature(
-            inputs=[common_pb2.TensorSpec(**spec.model_dump()) for spec in view.signature.inputs],
-            outputs=[common_pb2.TensorSpec(**spec.model_dump()) for spec in view.signature.outputs],
+            inputs=[tensor_spec_to_proto(spec) for spec in view.signature.inputs],
+            outputs=[tensor_spec_to_proto(spec) for spec in view.signature.outputs],
         ),
         lineage=registry_pb2.Lineage(
             run_id=lineage.run_id,
@@ -92,6 +92,10 @@ def version_to_proto(view: domain.VersionView) -> registry_pb2.ModelVersion:
         updated_at=timestamp(view.updated_at),
         used_by=view.used_by,
     )
+
+
+def tensor_spec_to_proto(spec: domain.TensorSpec) -> common_pb2.TensorSpec:
+    return common_pb2.TensorSpec(name=spec.name, datatype=spec.datatype, shape=spec.shape)
 
 
 def file_to_proto(file: domain.FileView) -> common_pb2.FileInfo:
