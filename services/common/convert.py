@@ -15,10 +15,15 @@ if TYPE_CHECKING:
 
 def timestamp(seconds: float | None) -> Timestamp:
     """Unix seconds -> Timestamp (unset when None)."""
-    if seconds is None:
-        return Timestamp()
-    nanoseconds = int(seconds * 1e9)
-    return Timestamp(seconds=nanoseconds // 1_000_000_000, nanos=nanoseconds % 1_000_000_000)
+    value = Timestamp()
+    if seconds is not None:
+        set_timestamp(value, seconds)
+    return value
+
+
+def set_timestamp(field: Timestamp, seconds: float) -> None:
+    """Unix seconds into a message's Timestamp field, in place (cheaper than assigning a new one)."""
+    field.seconds, field.nanos = divmod(int(seconds * 1e9), 1_000_000_000)
 
 
 def seconds(value: Timestamp, has_value: bool) -> float | None:

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import grpc
 
 from services._proto.mlmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
-from services.common.convert import seconds, timestamp
+from services.common.convert import seconds, set_timestamp, timestamp
 from services.common.errors import InvalidArgument
 from services.common.server import actor_of
 from services.registry import domain
@@ -65,37 +65,36 @@ def _unknown_format(value: int) -> str:
 
 
 def version_to_proto(view: domain.VersionView) -> registry_pb2.ModelVersion:
-    lineage = view.lineage
-    return registry_pb2.ModelVersion(
+    # Nested fields are filled in place: a nested message given to a constructor is built, then
+    # copied in, which costs a search of 50 versions about a millisecond more.
+    message = registry_pb2.ModelVersion(
         name=view.name,
         version=view.version,
         framework=view.framework,
         description=view.description,
         tags=view.tags,
-        signature=common_pb2.Signature(
-            inputs=[tensor_spec_to_proto(spec) for spec in view.signature.inputs],
-            outputs=[tensor_spec_to_proto(spec) for spec in view.signature.outputs],
-        ),
-        lineage=registry_pb2.Lineage(
-            run_id=lineage.run_id,
-            experiment=lineage.experiment,
-            git=registry_pb2.GitInfo(repo=lineage.git_repo, branch=lineage.git_branch, commit=lineage.git_commit),
-            datasets=lineage.datasets,
-            environment=lineage.environment,
-            parent_version=lineage.parent_version,
-        ),
-        files=[file_to_proto(file) for file in view.files],
         aliases=view.aliases,
         status=_STATUS[view.status],
         created_by=view.created_by,
-        created_at=timestamp(view.created_at),
-        updated_at=timestamp(view.updated_at),
         used_by=view.used_by,
     )
-
-
-def tensor_spec_to_proto(spec: domain.TensorSpec) -> common_pb2.TensorSpec:
-    return common_pb2.TensorSpec(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+    signature = message.signature
+    signature.SetInParent()
+    for spec in view.signature.inputs:
+        signature.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+    for spec in view.signature.outputs:
+        signature.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+    lineage, into = view.lineage, message.lineage
+    into.run_id, into.experiment, into.environment = lineage.run_id, lineage.experiment, lineage.environment
+    into.parent_version = lineage.parent_version
+    into.datasets.extend(lineage.datasets)
+    git = into.git
+    git.repo, git.branch, git.commit = lineage.git_repo, lineage.git_branch, lineage.git_commit
+    for file in view.files:
+        message.files.add(path=file.path, size=file.size, sha256=file.sha256)
+    set_timestamp(message.created_at, view.created_at)
+    set_timestamp(message.updated_at, view.updated_at)
+    return message
 
 
 def file_to_proto(file: domain.FileView) -> common_pb2.FileInfo:
