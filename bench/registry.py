@@ -911,8 +911,7 @@ async def _produce(database_url: str, nats_url: str, rate: float, total: int, pr
     relay = Relay(database, outbox, nats_url)
     relaying = asyncio.create_task(relay.run())
 
-    def commit(number: int) -> None:
-        name = f"{prefix}-{number:06d}"
+    def commit(name: str, number: int) -> None:
         payload = events.ModelRegistered(
             name=name,
             version=1,
@@ -927,7 +926,9 @@ async def _produce(database_url: str, nats_url: str, rate: float, total: int, pr
     late = 0
     committing: set[asyncio.Task[None]] = set()
     try:
-        await poll(lambda: relay.published > 0 or relaying.done(), timeout=30, interval=0.01)  # live
+        # One event first, outside the count: once it is published the relay is connected and live.
+        commit(f"warmup-{prefix}", 0)
+        await poll(lambda: relay.published > 0 or relaying.done(), timeout=30, interval=0.01)
         begun = time.perf_counter()
         for number in range(total):
             due = begun + number / rate
@@ -939,7 +940,7 @@ async def _produce(database_url: str, nats_url: str, rate: float, total: int, pr
                 late += -delay > 0.005
             # Each commit a task of its own, as each request is in a service: the relay and the
             # other commits take their turns between them, and on PostgreSQL they overlap.
-            task = asyncio.create_task(database.run_short(commit, number))
+            task = asyncio.create_task(database.run_short(commit, f"{prefix}-{number:06d}", number))
             committing.add(task)
             task.add_done_callback(committing.discard)
         await asyncio.gather(*committing)
@@ -966,11 +967,11 @@ async def outbox_latency_relay_only(
             target=producer_main, args=(database_url, nats_url, rate, total, "relay-only", str(producer_file))
         )
         producer.start()
-        await asyncio.to_thread(producer.join, seconds * 3 + 60)
+        await asyncio.to_thread(producer.join, seconds * 3 + total / 100 + 60)  # a producer slower than the pace
         if producer.is_alive():
             producer.kill()
             raise RuntimeError("the producer did not finish in time")
-        await poll(lambda: subscriber.received.value >= total, timeout=30, interval=0.02)
+        await poll(lambda: subscriber.received.value >= total + 1, timeout=30, interval=0.02)  # and the warm-up
     arrivals = subscriber.read()
     produced = json.loads(producer_file.read_text())
     seen: set[str] = set()
