@@ -91,30 +91,31 @@ def version_to_proto(view: domain.VersionView) -> registry_pb2.ModelVersion:
     git = into.git
     git.repo, git.branch, git.commit = lineage.git_repo, lineage.git_branch, lineage.git_commit
     for file in view.files:
-        message.files.add(path=file.path, size=file.size, sha256=file.sha256)
+        fill_file(message.files.add(), file)
     set_timestamp(message.created_at, view.created_at)
     set_timestamp(message.updated_at, view.updated_at)
     return message
 
 
-def file_to_proto(file: domain.FileView) -> common_pb2.FileInfo:
-    return common_pb2.FileInfo(path=file.path, size=file.size, sha256=file.sha256)
+def fill_file(into: common_pb2.FileInfo, file: domain.FileView) -> None:
+    into.path, into.size, into.sha256 = file.path, file.size, file.sha256
 
 
 def dataset_to_proto(view: dict[str, Any]) -> registry_pb2.Dataset:
-    return registry_pb2.Dataset(
+    message = registry_pb2.Dataset(
         name=view["name"],
         version=view["version"],
         format=view["format"],
         description=view["description"],
         tags=view["tags"],
-        file=file_to_proto(view["file"]),
         row_count=view["row_count"],
         columns=[registry_pb2.ColumnSummary(**column) for column in view["columns"]],
         fingerprint=view["fingerprint"],
         created_by=view["created_by"],
         created_at=timestamp(view["created_at"]),
     )
+    fill_file(message.file, view["file"])
+    return message
 
 
 def run_to_proto(view: dict[str, Any]) -> registry_pb2.Run:

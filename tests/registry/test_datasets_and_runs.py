@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -27,6 +28,8 @@ async def test_csv_dataset_gets_a_version_schema_and_statistics(registry):
     assert len(columns["age"].quantiles) == 9
     assert columns["city"].distinct_count == 2 and dict(columns["city"].top_values) == {"paris": 2, "rome": 1}
     assert first.fingerprint != second.fingerprint
+    assert (first.file.path, first.file.size) == ("customers.csv", len(CSV))
+    assert first.file.sha256 == hashlib.sha256(CSV).hexdigest()
     fetched = (await registry.stub.GetDataset(registry_pb2.GetDatasetRequest(ref="customers:1"))).dataset
     assert fetched == first
     latest = (await registry.stub.GetDataset(registry_pb2.GetDatasetRequest(ref="customers"))).dataset
