@@ -927,7 +927,7 @@ async def _produce(database_url: str, nats_url: str, rate: float, total: int, pr
     committing: set[asyncio.Task[None]] = set()
     try:
         # One event first, outside the count: once it is published the relay is connected and live.
-        commit(f"warmup-{prefix}", 0)
+        await database.run_short(commit, f"warmup-{prefix}", 0)
         await poll(lambda: relay.published > 0 or relaying.done(), timeout=30, interval=0.01)
         begun = time.perf_counter()
         for number in range(total):
