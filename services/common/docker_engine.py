@@ -16,7 +16,6 @@ import docker.errors
 import requests.exceptions
 
 from services.common.errors import FailedPrecondition, Unavailable
-from services.common.natsserver import free_port
 
 # An image reference as Docker takes it: [host[:port]/]path[:tag], path components lowercase.
 PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -91,9 +90,12 @@ def start_runtime_container(
     memory_mb: int,
 ) -> tuple[str, int, int]:
     """Create and start a container of a runtime image with its gRPC and REST ports published on
-    free ports of 127.0.0.1, `cpus` as its CPU quota and `memory_mb` as its memory limit (0: none);
-    (container id, gRPC port, REST port)."""
-    grpc_port, http_port = free_port(), free_port()
+    127.0.0.1, `cpus` as its CPU quota and `memory_mb` as its memory limit (0: none);
+    (container id, gRPC port, REST port).
+
+    The engine picks the host ports as it starts the container: a port probed free beforehand
+    can be taken by then (by another container starting, or any process), and the start fails.
+    """
     with engine(docker_url, timeout=120) as client:
         limits: dict[str, Any] = {}
         if cpus:
@@ -102,10 +104,7 @@ def start_runtime_container(
             # No swap beyond the limit: a runtime that needs more memory is killed and reported.
             limits["mem_limit"] = limits["memswap_limit"] = f"{memory_mb}m"
         host_config = client.create_host_config(
-            port_bindings={
-                CONTAINER_GRPC_PORT: ("127.0.0.1", grpc_port),
-                CONTAINER_HTTP_PORT: ("127.0.0.1", http_port),
-            },
+            port_bindings={CONTAINER_GRPC_PORT: ("127.0.0.1",), CONTAINER_HTTP_PORT: ("127.0.0.1",)},
             extra_hosts={HOST_ALIAS: "host-gateway"},
             init=True,
             **limits,
@@ -132,4 +131,27 @@ def start_runtime_container(
             with contextlib.suppress(docker.errors.APIError):
                 client.remove_container(instance, force=True)
             raise ContainerError(f"the container did not start: {error.explanation or error}") from None
-    return instance, grpc_port, http_port
+        try:
+            return (
+                instance,
+                _host_port(client, instance, CONTAINER_GRPC_PORT),
+                _host_port(client, instance, CONTAINER_HTTP_PORT),
+            )
+        except ContainerError:
+            with contextlib.suppress(docker.errors.APIError):
+                client.remove_container(instance, force=True)
+            raise
+
+
+def _host_port(client: docker.APIClient, instance: str, port: int) -> int:
+    """The host port the engine published a container's `port` on; ContainerError when it has none
+    (the container stopped as soon as it started, taking its ports along)."""
+    for binding in client.port(instance, port) or []:
+        if binding.get("HostPort"):
+            return int(binding["HostPort"])
+    state = client.inspect_container(instance)["State"]
+    lines = client.logs(instance, stdout=True, stderr=True, tail=20).decode(errors="replace").splitlines()
+    last = next((line for line in reversed(lines) if line.strip()), "(nothing)")[:500]
+    raise ContainerError(
+        f"the container exited with code {state.get('ExitCode')} as it started; it last logged: {last}"
+    )
