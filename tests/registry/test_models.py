@@ -187,6 +187,47 @@ async def test_search_filters_by_tags_framework_alias_and_time(registry):
     assert await names(created_after=a.created_at) == ["churn", "fraud-a", "fraud-b"]
 
 
+async def test_a_search_answers_each_version_with_its_own_files_tags_aliases_and_users(registry):
+    stub = registry.stub
+    await register(stub, "fraud", files=[("model.bin", b"one"), ("conf/a.json", b"{}")], tags={"team": "risk"})
+    await register(stub, "fraud", files=[("model.bin", b"two")], tags={"team": "risk", "stage": "prod"})
+    await register(stub, "churn", files=[("weights.pt", b"three")], tags={"team": "risk"})
+    await stub.SetAlias(registry_pb2.SetAliasRequest(name="fraud", alias="champion", version=2, reason="r"))
+    await stub.SetAlias(registry_pb2.SetAliasRequest(name="fraud", alias="challenger", version=2, reason="r"))
+    await stub.SetAlias(registry_pb2.SetAliasRequest(name="churn", alias="champion", version=1, reason="r"))
+    await stub.AcquireUsage(registry_pb2.AcquireUsageRequest(ref="fraud:1", deployment_id="endpoints/web/blue"))
+    await stub.AcquireUsage(registry_pb2.AcquireUsageRequest(ref="fraud:1", deployment_id="endpoints/web/green"))
+
+    response = await stub.SearchModelVersions(registry_pb2.SearchModelVersionsRequest(tags=["team=risk"]))
+
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    assert {
+        (version.name, version.version): (
+            [(file.path, file.size, file.sha256) for file in version.files],
+            dict(version.tags),
+            list(version.aliases),
+            list(version.used_by),
+        )
+        for version in response.model_versions
+    } == {
+        ("fraud", 1): (
+            [("conf/a.json", 2, digest(b"{}")), ("model.bin", 3, digest(b"one"))],
+            {"team": "risk"},
+            [],
+            ["endpoints/web/blue", "endpoints/web/green"],
+        ),
+        ("fraud", 2): (
+            [("model.bin", 3, digest(b"two"))],
+            {"team": "risk", "stage": "prod"},
+            ["challenger", "champion"],
+            [],
+        ),
+        ("churn", 1): ([("weights.pt", 5, digest(b"three"))], {"team": "risk"}, ["champion"], []),
+    }
+
+
 async def test_search_pages_through_everything_once(registry):
     for index in range(7):
         await register(registry.stub, f"m{index}")
