@@ -58,9 +58,12 @@ class Database:
             # first call on each old connection answers UNAVAILABLE and the pool starts afresh.
             self.engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size)
         self._write_engine = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
-        # SQLite reads skip BEGIN: each statement reads the latest commit on its own (as they do
-        # on PostgreSQL under READ COMMITTED), one statement fewer per read.
-        self._read_engine = self.engine.execution_options(sqlite_begin=None)
+        # Reads skip BEGIN: each statement reads the latest commit on its own (as it would in a
+        # READ COMMITTED transaction), two round trips fewer per read on PostgreSQL (BEGIN and the
+        # ROLLBACK that ends it, which also makes psycopg forget the statements it has prepared).
+        self._read_engine = self.engine.execution_options(
+            **({"sqlite_begin": None} if self.is_sqlite else {"isolation_level": "AUTOCOMMIT"})
+        )
         # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
         # growing steps (1, 2, 5, 10 ms...): writers queue on a lock instead, woken at once, the
         # threads of this process and (for a file) every process using the same file.

@@ -101,6 +101,29 @@ def test_reads_after_the_server_dropped_every_connection_answer_unavailable_once
         database.dispose()
 
 
+def test_reads_on_postgresql_open_no_transaction_and_keep_prepared_statements(postgres_url):
+    database = db.Database(postgres_url, [OutboxEvent])
+    database.create_tables()
+    count = text("SELECT count(*) FROM outbox WHERE subject = :subject")
+    try:
+        for _ in range(8):  # psycopg prepares a statement on its fifth run on a connection
+            with database.reader() as reader:
+                assert reader.execute(count, {"subject": "s"}).scalar() == 0
+                connection = reader.connection.dbapi_connection
+                # In a transaction, the read would have to end with a ROLLBACK: a round trip more,
+                # after which psycopg forgets every statement it prepared on the connection.
+                assert connection.info.transaction_status == connection.info.transaction_status.IDLE
+        with database.reader() as reader:
+            prepared = reader.execute(text("SELECT statement FROM pg_prepared_statements")).scalars().all()
+        assert any("FROM outbox WHERE subject" in statement for statement in prepared), prepared
+        with database.transaction() as session:  # and each read sees what was committed before it
+            session.add(OutboxEvent(id="e1", subject="s", payload=b"x", created_at=time.time()))
+        with database.reader() as reader:
+            assert reader.execute(count, {"subject": "s"}).scalar() == 1
+    finally:
+        database.dispose()
+
+
 @pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 def test_short_calls_keep_the_callers_trace_context(database_url):
     telemetry.setup("test")
