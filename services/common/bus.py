@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import nats
 from faststream import AckPolicy
@@ -27,6 +28,7 @@ from services.common.db import Database
 from services.common.events import DUPLICATE_WINDOW_SECONDS, STREAM, SUBJECTS, CloudEvent
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 async def connect_with_retry(url: str, *, name: str, first_wait: float = 0.2) -> nats.NATS:
@@ -80,6 +82,34 @@ async def ensure_stream(jetstream: JetStreamContext, config: StreamConfig | None
         await jetstream.add_stream(config)
     except BadRequestError:
         await jetstream.update_stream(config)
+
+
+async def publish_batch(
+    messages: Sequence[T], send: Callable[[T], Awaitable[asyncio.Future[Any]]], timeout: float
+) -> list[BaseException | None]:
+    """Send every message with `send` (a JetStream `publish_async`, which answers the future of
+    its ack), then wait for their acks all together, up to `timeout` seconds: per message, None
+    when JetStream stored it, else why not. An ack still missing at the end is cancelled and
+    counts as a TimeoutError; when a send fails (NATS went away), the messages after it are not
+    sent and count as that failure, while those sent before may still be stored.
+
+    A batch sent whole and then awaited once costs a future per message; `publish` waits for each
+    in turn, as a request of its own (a reply subject, a future and a timer per message)."""
+    acks: list[asyncio.Future[Any]] = []
+    failure: BaseException | None = None
+    try:
+        for message in messages:
+            acks.append(await send(message))
+    except Exception as error:
+        failure = error
+    if acks:
+        _, late = await asyncio.wait(acks, timeout=timeout)
+        for ack in late:
+            ack.cancel()
+    return [
+        TimeoutError(f"no ack from JetStream within {timeout:g}s") if ack.cancelled() else ack.exception()
+        for ack in acks
+    ] + [failure] * (len(messages) - len(acks))
 
 
 class ProcessedEvent(SQLModel, table=True):

@@ -31,7 +31,7 @@ from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from services.common import telemetry
+from services.common import bus, telemetry
 from services.common.db import Database
 from services.common.errors import ResourceExhausted
 from services.common.events import CONTENT_TYPE, MAX_EVENT_BYTES, CloudEvent, subject_of
@@ -160,8 +160,6 @@ class Relay:
 
     async def run(self) -> None:
         """Run until cancelled."""
-        from services.common import bus
-
         self.outbox.bind(asyncio.get_running_loop())
         connection = await bus.connect_with_retry(self.nats_url, name="outbox-relay")
         try:
@@ -249,25 +247,9 @@ class Relay:
     async def _publish_rows(self, jetstream: Any, rows: list[Any]) -> tuple[list[str], BaseException | None]:
         """Publish rows (id, subject, payload, headers) without waiting between them, then wait for
         their acks together; the ids JetStream acknowledged, and the first failure, if any."""
-        acks: list[tuple[str, asyncio.Future[Any]]] = []
-        failure: BaseException | None = None
-        try:
-            for row in rows:
-                acks.append((row.id, await self._publish(jetstream, row)))
-        except Exception as error:  # NATS went away mid-batch: what was sent may still be acked
-            failure = error
-        if acks:
-            _, late = await asyncio.wait([ack for _, ack in acks], timeout=self.publish_timeout)
-            for ack in late:
-                ack.cancel()
-        sent = []
-        for row_id, ack in acks:
-            if ack.cancelled():
-                failure = failure or TimeoutError(f"no ack from JetStream within {self.publish_timeout}s")
-            elif ack.exception() is not None:
-                failure = failure or ack.exception()
-            else:
-                sent.append(row_id)
+        outcomes = await bus.publish_batch(rows, lambda row: self._publish(jetstream, row), self.publish_timeout)
+        sent = [row.id for row, outcome in zip(rows, outcomes, strict=True) if outcome is None]
+        failure = next((outcome for outcome in outcomes if outcome is not None), None)
         self.published += len(sent)
         return sent, failure
 

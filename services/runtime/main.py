@@ -24,6 +24,8 @@ SERVICE_NAME = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceServ
 log = logging.getLogger(__name__)
 INLINE_CAPTURE_BYTES = 256 * 1024
 """Tensor bytes of a capture batch encoded on the event loop (about a millisecond); more go to a thread."""
+PUBLISH_TIMEOUT_SECONDS = 5.0
+"""How long a capture message may wait for JetStream to store it before its requests count as dropped."""
 
 
 # (registered name, version, ONNX file, signature, where it came from)
@@ -163,7 +165,7 @@ async def publish_captures(settings: RuntimeSettings, capture: domain.CaptureQue
     subject = f"{bus.CAPTURE_SUBJECT_PREFIX}{settings.endpoint}.{settings.deployment}"
     connection = await bus.connect_with_retry(settings.nats_url, name=f"runtime-capture-{settings.deployment}")
     try:
-        jetstream = connection.jetstream(timeout=5)
+        jetstream = connection.jetstream(timeout=PUBLISH_TIMEOUT_SECONDS)
         config = bus.capture_stream_config(settings.capture_max_age_seconds, settings.capture_max_bytes)
         await bus.ensure_stream(jetstream, config)
         # Headers and the subject share the server's payload limit with the rows.
@@ -180,13 +182,14 @@ async def publish_captures(settings: RuntimeSettings, capture: domain.CaptureQue
             if messages.too_large:
                 capture.lost(messages.too_large)
                 log.warning("capture: %d requests dropped, too large for a NATS message", messages.too_large)
-            for payload, requests in zip(messages.payloads, messages.requests, strict=True):
-                try:
-                    await jetstream.publish(subject, payload)
+            send = functools.partial(jetstream.publish_async, subject)
+            outcomes = await bus.publish_batch(messages.payloads, send, PUBLISH_TIMEOUT_SECONDS)
+            for requests, outcome in zip(messages.requests, outcomes, strict=True):
+                if outcome is None:
                     capture.sent(requests)
-                except Exception as error:
+                else:
                     capture.lost(requests)
-                    log.warning("capture: %d requests dropped, NATS did not take them: %s", requests, error)
+                    log.warning("capture: %d requests dropped, NATS did not take them: %s", requests, outcome)
     finally:
         await connection.close()
 

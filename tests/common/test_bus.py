@@ -7,6 +7,7 @@ import contextlib
 from collections import Counter
 
 import nats
+import nats.js.errors
 from faststream.nats import NatsBroker
 from sqlmodel import select
 
@@ -108,3 +109,49 @@ async def test_poison_events_are_parked_not_retried_forever(tmp_path, nats_serve
     by_id = {row.event_id: row for row in parked()}
     assert "cannot handle this" in by_id[poison.id].error
     assert any(row.payload == b"not a cloud event" for row in by_id.values())
+
+
+async def test_a_batch_is_sent_whole_and_each_message_gets_its_own_outcome(nats_server):
+    connection = await nats.connect(nats_server.url)
+    try:
+        jetstream = connection.jetstream()
+        await bus.ensure_stream(jetstream)
+        sent: list[str] = []
+
+        async def send(subject: str) -> asyncio.Future:
+            if subject == "unreachable":
+                raise nats.errors.ConnectionClosedError
+            sent.append(subject)
+            return await jetstream.publish_async(subject, b"{}")
+
+        # A subject no stream holds: that message alone is refused (no stream answers for it).
+        subjects = ["mlmesh.events.model.deleted", "nowhere.at.all", "mlmesh.events.model.archived"]
+        outcomes = await bus.publish_batch(subjects, send, timeout=5)
+        assert [outcome is None for outcome in outcomes] == [True, False, True]
+        assert isinstance(outcomes[1], nats.js.errors.NoStreamResponseError)
+        assert (await jetstream.stream_info(events.STREAM)).state.messages == 2
+
+        # A send that fails stops the batch: what was sent before is still stored, the rest is not sent.
+        sent.clear()
+        subjects = ["mlmesh.events.model.deleted", "unreachable", "mlmesh.events.model.archived"]
+        outcomes = await bus.publish_batch(subjects, send, timeout=5)
+        assert outcomes[0] is None and all(
+            isinstance(outcome, nats.errors.ConnectionClosedError) for outcome in outcomes[1:]
+        )
+        assert sent == ["mlmesh.events.model.deleted"]
+        assert (await jetstream.stream_info(events.STREAM)).state.messages == 3
+    finally:
+        await connection.close()
+
+
+async def test_an_ack_that_does_not_come_in_time_counts_as_a_timeout():
+    never: asyncio.Future = asyncio.get_running_loop().create_future()
+    stored: asyncio.Future = asyncio.get_running_loop().create_future()
+    stored.set_result("ack")
+    acks = iter([stored, never])
+
+    async def send(_message: str) -> asyncio.Future:
+        return next(acks)
+
+    outcomes = await bus.publish_batch(["a", "b"], send, timeout=0.05)
+    assert outcomes[0] is None and isinstance(outcomes[1], TimeoutError) and never.cancelled()
