@@ -1156,6 +1156,8 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
         )
     if arguments.rounds:
         plan = Plan(**{**asdict(plan), "rounds": arguments.rounds})
+    if arguments.capture_pairs:
+        plan = Plan(**{**asdict(plan), "capture_pairs": arguments.capture_pairs})
     profiler = Profiler(Path(arguments.profile) if arguments.profile else None)
     router_available = importlib.util.find_spec(ROUTER_MODULE) is not None
     report: dict[str, Any] = {
@@ -1332,6 +1334,13 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=0, help="h2load connections (default 2)")
     parser.add_argument("--streams", type=int, default=0, help="calls in flight per connection (default 8)")
     parser.add_argument("--rounds", type=int, default=0, help="measurements of each server per phase")
+    parser.add_argument(
+        "--capture-pairs",
+        type=int,
+        default=0,
+        help="fresh pairs of runtimes (without, with capture) that judge capture's cost (default 4; two "
+        "runtimes differ by up to ~10%%, so about 16 pairs bring the pairs' ratio within ~2.5%%)",
+    )
     parser.add_argument("--profile", metavar="DIR", help="sample each measured server with py-spy into DIR")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
