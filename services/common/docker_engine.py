@@ -127,20 +127,18 @@ def start_runtime_container(
         instance = container["Id"]
         try:
             client.start(instance)
-        except docker.errors.APIError as error:
-            with contextlib.suppress(docker.errors.APIError):
-                client.remove_container(instance, force=True)
-            raise ContainerError(f"the container did not start: {error.explanation or error}") from None
-        try:
             return (
                 instance,
                 _host_port(client, instance, CONTAINER_GRPC_PORT),
                 _host_port(client, instance, CONTAINER_HTTP_PORT),
             )
-        except ContainerError:
-            with contextlib.suppress(docker.errors.APIError):
-                client.remove_container(instance, force=True)
-            raise
+        except docker.errors.APIError as error:
+            failure = ContainerError(f"the container did not start: {error.explanation or error}")
+        except ContainerError as error:
+            failure = error
+        with contextlib.suppress(docker.errors.APIError):
+            client.remove_container(instance, force=True)
+        raise failure
 
 
 def _host_port(client: docker.APIClient, instance: str, port: int) -> int:
@@ -149,9 +147,16 @@ def _host_port(client: docker.APIClient, instance: str, port: int) -> int:
     for binding in client.port(instance, port) or []:
         if binding.get("HostPort"):
             return int(binding["HostPort"])
-    state = client.inspect_container(instance)["State"]
-    lines = client.logs(instance, stdout=True, stderr=True, tail=20).decode(errors="replace").splitlines()
-    last = next((line for line in reversed(lines) if line.strip()), "(nothing)")[:500]
+    code = client.inspect_container(instance)["State"].get("ExitCode")
     raise ContainerError(
-        f"the container exited with code {state.get('ExitCode')} as it started; it last logged: {last}"
+        f"the container exited with code {code} as it started; it last logged: {last_logged(client, instance)}"
     )
+
+
+def last_logged(client: docker.APIClient, instance: str, tail: int = 20) -> str:
+    """The last line a container wrote that is not blank (at most 500 characters), or "(nothing)"."""
+    try:
+        output = client.logs(instance, stdout=True, stderr=True, tail=tail).decode(errors="replace")
+    except docker.errors.NotFound:
+        return "(nothing)"
+    return next((line[:500] for line in reversed(output.splitlines()) if line.strip()), "(nothing)")

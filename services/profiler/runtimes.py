@@ -176,19 +176,13 @@ class ContainerRuntime:
         except MlmeshError:
             return False
 
-    def _logs(self) -> str:
-        with docker_engine.engine(self.docker_url) as engine:
-            with contextlib.suppress(docker.errors.NotFound):
-                return engine.logs(self.instance, stdout=True, stderr=True, tail=200).decode(errors="replace")
-        return ""
-
     def reason(self) -> str:
         try:
             state = self._state()
-            lines = [line for line in self._logs().splitlines() if line.strip()]
+            with docker_engine.engine(self.docker_url) as engine:
+                line = docker_engine.last_logged(engine, self.instance, tail=200)
         except MlmeshError as error:
             return error.message
-        line = lines[-1][:500] if lines else "(nothing)"
         if state.get("OOMKilled"):
             return f"out of memory: killed at its limit of {self.memory_mb} MiB; it last logged: {line}"
         if state and state.get("Status") != "running":
