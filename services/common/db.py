@@ -15,12 +15,13 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, event, text
+from sqlalchemy import Table, any_, bindparam, event, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, SQLModel, col, create_engine
 
 from services.common.errors import Unavailable
 
@@ -32,6 +33,15 @@ CHANGES_CHANNEL = "mlmesh_changes"
 LISTEN_RETRY_SECONDS = 1.0
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def in_list(column: Any, parameter: str, element: Any, *, postgresql: bool) -> Any:
+    """`column` is one of the values of the list bound to `parameter` (of `element` type). On
+    PostgreSQL as `= ANY` of one array parameter: one parameter whatever the list's length, so the
+    statement stays the same from call to call; elsewhere as an IN list, expanded per call."""
+    if postgresql:
+        return column == any_(bindparam(parameter, type_=ARRAY(element)))
+    return col(column).in_(bindparam(parameter, expanding=True))
 
 
 class Database:

@@ -26,13 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Column, Index, LargeBinary, String, any_, bindparam, delete, func, insert, update
+from sqlalchemy import Column, Index, LargeBinary, String, delete, func, insert, update
 from sqlalchemy import event as sqlalchemy_event
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from services.common import bus, telemetry
-from services.common.db import Database
+from services.common.db import Database, in_list
 from services.common.errors import ResourceExhausted
 from services.common.events import CONTENT_TYPE, MAX_EVENT_BYTES, CloudEvent, subject_of
 
@@ -294,15 +293,16 @@ class Relay:
         return list(session.execute(query.with_for_update(skip_locked=True)).all())
 
     def _mark_sent(self, session: Session, ids: list[str]) -> None:
-        if self.database.is_sqlite:
+        sqlite = self.database.is_sqlite
+        marked = update(OutboxEvent).where(in_list(OutboxEvent.id, "ids", String, postgresql=not sqlite))
+        marked = marked.values(sent_at=time.time())
+        if sqlite:
             if ids:
                 with self.database.transaction() as writer:
-                    writer.execute(update(OutboxEvent).where(col(OutboxEvent.id).in_(ids)).values(sent_at=time.time()))
+                    writer.execute(marked, {"ids": ids})
             return
         if ids:
-            # One array parameter, not one per id: the statement stays the same for every batch.
-            batch = bindparam("ids", value=ids, type_=ARRAY(String))
-            session.execute(update(OutboxEvent).where(col(OutboxEvent.id) == any_(batch)).values(sent_at=time.time()))
+            session.execute(marked, {"ids": ids})
         session.commit()  # releases the claim on rows that failed to publish, too
 
     async def prune_if_due(self) -> None:

@@ -18,15 +18,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import Integer, Select, String, any_, bindparam, cast, func, insert, literal, null, union_all
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import Integer, Select, String, bindparam, cast, func, insert, literal, null, union_all
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, delete, select
 
 from services.common import events, paging
 from services.common.blobs import BlobStore, BlobWriter
-from services.common.db import Database
+from services.common.db import Database, in_list
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -371,9 +370,7 @@ def _related_statement(how: Literal["one", "list", "array"]) -> Any:
     def matches(column: Any, single: str, many: str, element: Any) -> Any:
         if how == "one":
             return column == bindparam(single)
-        if how == "array":
-            return column == any_(bindparam(many, type_=ARRAY(element)))
-        return col(column).in_(bindparam(many, expanding=True))
+        return in_list(column, many, element, postgresql=how == "array")
 
     return union_all(
         select(literal("f"), ModelFile.version_id, ModelFile.path, ModelFile.sha256, ModelFile.size).where(
