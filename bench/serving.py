@@ -38,7 +38,7 @@ import tempfile
 import time
 import traceback
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -1147,17 +1147,13 @@ def ratios_to(results: dict[str, Any], baseline: str, key: str) -> dict[str, flo
 async def run(arguments: argparse.Namespace) -> dict[str, Any]:
     plan = QUICK if arguments.quick else FULL
     if arguments.connections or arguments.streams:
-        plan = Plan(
-            **{
-                **asdict(plan),
-                "connections": arguments.connections or plan.connections,
-                "streams": arguments.streams or plan.streams,
-            }
+        plan = replace(
+            plan, connections=arguments.connections or plan.connections, streams=arguments.streams or plan.streams
         )
     if arguments.rounds:
-        plan = Plan(**{**asdict(plan), "rounds": arguments.rounds})
+        plan = replace(plan, rounds=arguments.rounds)
     if arguments.capture_pairs:
-        plan = Plan(**{**asdict(plan), "capture_pairs": arguments.capture_pairs})
+        plan = replace(plan, capture_pairs=arguments.capture_pairs)
     profiler = Profiler(Path(arguments.profile) if arguments.profile else None)
     router_available = importlib.util.find_spec(ROUTER_MODULE) is not None
     report: dict[str, Any] = {
@@ -1338,8 +1334,8 @@ def main() -> None:
         "--capture-pairs",
         type=int,
         default=0,
-        help="fresh pairs of runtimes (without, with capture) that judge capture's cost (default 4; two "
-        "runtimes differ by up to ~10%%, so about 16 pairs bring the pairs' ratio within ~2.5%%)",
+        help="fresh pairs of runtimes (without, with capture) that judge capture's cost (default 4; pairs "
+        "differ by several percent, so a cost near 5%% takes dozens of pairs to settle)",
     )
     parser.add_argument("--profile", metavar="DIR", help="sample each measured server with py-spy into DIR")
     arguments = parser.parse_args()

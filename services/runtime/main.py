@@ -170,6 +170,7 @@ async def publish_captures(settings: RuntimeSettings, capture: domain.CaptureQue
         await bus.ensure_stream(jetstream, config)
         # Headers and the subject share the server's payload limit with the rows.
         limit = connection.max_payload - 4096
+        send = functools.partial(jetstream.publish_async, subject)
         while True:
             batch = await capture.next_batch(settings.capture_flush_seconds)
             # Small tensors (single rows above all) encode in well under a millisecond: on the loop,
@@ -182,7 +183,6 @@ async def publish_captures(settings: RuntimeSettings, capture: domain.CaptureQue
             if messages.too_large:
                 capture.lost(messages.too_large)
                 log.warning("capture: %d requests dropped, too large for a NATS message", messages.too_large)
-            send = functools.partial(jetstream.publish_async, subject)
             outcomes = await bus.publish_batch(messages.payloads, send, PUBLISH_TIMEOUT_SECONDS)
             for requests, outcome in zip(messages.requests, outcomes, strict=True):
                 if outcome is None:
