@@ -15,12 +15,12 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, any_, bindparam, event, text
+from sqlalchemy import Float, LargeBinary, Table, any_, bindparam, event, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session, SQLModel, col, create_engine
 
 from services.common.errors import Unavailable
@@ -42,6 +42,54 @@ def in_list(column: Any, parameter: str, element: Any, *, postgresql: bool) -> A
     if postgresql:
         return column == any_(bindparam(parameter, type_=ARRAY(element)))
     return col(column).in_(bindparam(parameter, expanding=True))
+
+
+_DIRECT: dict[tuple[int, str, tuple[str, ...]], tuple[Any, Any, Sequence[str] | None, dict[str, Any]]] = {}
+
+
+def execute_direct(session: Session, statement: Any, parameters: dict[str, Any] | list[dict[str, Any]]) -> Any:
+    """Run a Core statement in `session`'s transaction on the DB-API cursor itself and return
+    that cursor, for the few statements every write repeats (a registration's inserts, the
+    outbox row). SQLAlchemy's execution machinery (result objects, events, per-call checks)
+    costs about as much as the driver's own work on such a statement; this skips it. The
+    statement is compiled once per set of keys; its values must need no conversion (numbers,
+    text, bytes), which is checked then. Several dicts run as one executemany. Driver errors
+    come out as SQLAlchemy's (IntegrityError, OperationalError), as from `session.execute`."""
+    rows = parameters if isinstance(parameters, list) else [parameters]
+    connection = session.connection()
+    dialect = connection.dialect
+    keys = tuple(rows[0])
+    known = _DIRECT.get((id(statement), dialect.name, keys))
+    if known is None:
+        compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+        converted = [  # the processors of these two only wrap what the drivers take as it is: floats, bytes
+            bind.key
+            for bind in compiled.binds.values()
+            if not isinstance(bind.type, Float | LargeBinary)
+            and bind.type.dialect_impl(dialect).bind_processor(dialect) is not None
+        ]
+        if converted:
+            raise ValueError(f"execute_direct cannot convert the values of {converted}; use session.execute")
+        defaults = {}  # columns left out that have a default: SQLAlchemy computes those per call
+        for column in [*compiled.insert_prefetch, *compiled.update_prefetch]:
+            if column.default is None or not column.default.is_scalar:
+                raise ValueError(f"execute_direct cannot compute {column.name}'s default; give it a value")
+            defaults[column.key] = column.default.arg
+        # The statement itself is kept so that its id is not reused while the entry stands.
+        known = _DIRECT[(id(statement), dialect.name, keys)] = (statement, compiled, compiled.positiontup, defaults)
+    _, compiled, order, defaults = known
+    bound: list[Any] = [compiled.construct_params({**defaults, **row}, _check=False) for row in rows]
+    if order is not None:
+        bound = [tuple(values[name] for name in order) for values in bound]
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if len(bound) == 1:
+            cursor.execute(compiled.string, bound[0])
+        else:
+            cursor.executemany(compiled.string, bound)
+    except dialect.loaded_dbapi.Error as error:
+        raise DBAPIError.instance(compiled.string, bound, error, dialect.loaded_dbapi.Error) from error
+    return cursor
 
 
 class Database:

@@ -31,7 +31,7 @@ from sqlalchemy import event as sqlalchemy_event
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from services.common import bus, telemetry
-from services.common.db import Database, in_list
+from services.common.db import Database, execute_direct, in_list
 from services.common.errors import ResourceExhausted
 from services.common.events import CONTENT_TYPE, MAX_EVENT_BYTES, CloudEvent, subject_of
 
@@ -85,7 +85,7 @@ class Outbox:
             "created_at": time.time(),
             "attempts": 0,
         }
-        session.execute(_INSERT_EVENT, row)
+        execute_direct(session, _INSERT_EVENT, row)
         staged = session.info.get("outbox_staged")
         if staged is None:
             staged = session.info["outbox_staged"] = []

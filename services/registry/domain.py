@@ -25,7 +25,7 @@ from sqlmodel import Session, SQLModel, col, delete, select
 
 from services.common import events, paging
 from services.common.blobs import BlobStore, BlobWriter
-from services.common.db import Database, in_list
+from services.common.db import Database, execute_direct, in_list
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -524,7 +524,8 @@ class Registry:
     def _audit(
         self, session: Session, actor: str, action: str, resource: str, reason: str = "", **details: Any
     ) -> None:
-        session.execute(
+        execute_direct(
+            session,
             _INSERT_AUDIT,
             {
                 "at": time.time(),
@@ -550,7 +551,7 @@ class Registry:
             ).returning(table.latest_version)
         now = time.time()
         values = {"name": name, "latest_version": 1, "created_at": now, "updated_at": now}
-        return session.execute(statement, values).scalar_one()
+        return execute_direct(session, statement, values).fetchone()[0]
 
     def _version_row(
         self, reader: Reader, ref: Reference, *, at: float | None = None, lock: bool = False, read_only: bool = False
@@ -694,7 +695,8 @@ class Registry:
                     f"lineage.parent_version {lineage.parent_version} must be an earlier version",
                     field="lineage.parent_version",
                 )
-            version_id = session.execute(
+            version_id = execute_direct(
+                session,
                 _INSERT_VERSION,
                 {
                     "name": metadata.name,
@@ -715,8 +717,9 @@ class Registry:
                     "created_at": now,
                     "updated_at": now,
                 },
-            ).scalar_one()
-            session.execute(
+            ).fetchone()[0]
+            execute_direct(
+                session,
                 _INSERT_FILE,
                 [
                     {"version_id": version_id, "path": path, "size": size, "sha256": digest}
@@ -724,7 +727,8 @@ class Registry:
                 ],
             )
             if metadata.tags:
-                session.execute(
+                execute_direct(
+                    session,
                     _INSERT_TAG,
                     [
                         {"version_id": version_id, "key": key, "value": value, "created_at": now}

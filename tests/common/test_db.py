@@ -10,7 +10,8 @@ import time
 
 import pytest
 from opentelemetry import trace
-from sqlalchemy import create_engine, text
+from sqlalchemy import JSON, bindparam, create_engine, text
+from sqlalchemy.exc import IntegrityError
 
 from services.common import db, telemetry
 from services.common.errors import Unavailable
@@ -192,3 +193,29 @@ def test_the_generation_moves_with_every_commit_of_any_process_and_is_unknown_wh
         admin.dispose()
         ours.dispose()
         theirs.dispose()
+
+
+def test_execute_direct_writes_in_the_callers_transaction_and_fails_as_session_execute_does(database_url):
+    database = db.Database(database_url, [OutboxEvent])
+    database.create_tables()
+    insert = database.insert(OutboxEvent).returning(OutboxEvent.id)
+    rows = [{"id": f"d{number}", "subject": "s", "payload": b"\x00\xff", "created_at": 1.5} for number in range(3)]
+    try:
+        with database.transaction() as session:
+            assert db.execute_direct(session, insert, rows[0]).fetchone() == ("d0",)
+            db.execute_direct(session, OutboxEvent.__table__.insert(), rows[1:])  # executemany
+        with pytest.raises(RuntimeError), database.transaction() as session:
+            db.execute_direct(session, OutboxEvent.__table__.insert(), {**rows[0], "id": "rolled-back"})
+            raise RuntimeError("the transaction fails after the insert")
+        with pytest.raises(IntegrityError), database.transaction() as session:
+            db.execute_direct(session, OutboxEvent.__table__.insert(), rows[0])  # the same id again
+        with database.session() as session:
+            stored = session.query(OutboxEvent).order_by(OutboxEvent.id).all()
+        assert [(row.id, row.payload, row.created_at, row.attempts) for row in stored] == [
+            (f"d{number}", b"\x00\xff", 1.5, 0)
+            for number in range(3)  # defaults filled in as by the ORM
+        ]
+        with pytest.raises(ValueError, match="cannot convert"), database.transaction() as session:
+            db.execute_direct(session, text("SELECT :at").bindparams(bindparam("at", type_=JSON)), {"at": {}})
+    finally:
+        database.dispose()
