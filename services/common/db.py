@@ -9,6 +9,7 @@ import functools
 import logging
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -44,7 +45,28 @@ def in_list(column: Any, parameter: str, element: Any, *, postgresql: bool) -> A
     return col(column).in_(bindparam(parameter, expanding=True))
 
 
-_DIRECT: dict[tuple[int, str, tuple[str, ...]], tuple[Any, Any, Sequence[str] | None, dict[str, Any]]] = {}
+_DIRECT: weakref.WeakKeyDictionary[Any, dict[tuple[str, tuple[str, ...]], tuple[Any, dict[str, Any]]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per statement, per dialect and set of keys: its compiled form and the defaults of the columns left out."""
+
+
+def _compiled_for_direct(statement: Any, dialect: Any, keys: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+    converted = [  # the processors of these two only wrap what the drivers take as it is: floats, bytes
+        bind.key
+        for bind in compiled.binds.values()
+        if not isinstance(bind.type, Float | LargeBinary)
+        and bind.type.dialect_impl(dialect).bind_processor(dialect) is not None
+    ]
+    if converted:
+        raise ValueError(f"execute_direct cannot convert the values of {converted}; use session.execute")
+    defaults = {}  # columns left out that have a default: SQLAlchemy would compute those per call
+    for column in [*compiled.insert_prefetch, *compiled.update_prefetch]:
+        if column.default is None or not column.default.is_scalar:
+            raise ValueError(f"execute_direct cannot compute {column.name}'s default; give it a value")
+        defaults[column.key] = column.default.arg
+    return compiled, defaults
 
 
 def execute_direct(session: Session, statement: Any, parameters: dict[str, Any] | list[dict[str, Any]]) -> Any:
@@ -59,28 +81,16 @@ def execute_direct(session: Session, statement: Any, parameters: dict[str, Any] 
     connection = session.connection()
     dialect = connection.dialect
     keys = tuple(rows[0])
-    known = _DIRECT.get((id(statement), dialect.name, keys))
+    forms = _DIRECT.setdefault(statement, {})
+    known = forms.get((dialect.name, keys))
     if known is None:
-        compiled = statement.compile(dialect=dialect, column_keys=list(keys))
-        converted = [  # the processors of these two only wrap what the drivers take as it is: floats, bytes
-            bind.key
-            for bind in compiled.binds.values()
-            if not isinstance(bind.type, Float | LargeBinary)
-            and bind.type.dialect_impl(dialect).bind_processor(dialect) is not None
-        ]
-        if converted:
-            raise ValueError(f"execute_direct cannot convert the values of {converted}; use session.execute")
-        defaults = {}  # columns left out that have a default: SQLAlchemy computes those per call
-        for column in [*compiled.insert_prefetch, *compiled.update_prefetch]:
-            if column.default is None or not column.default.is_scalar:
-                raise ValueError(f"execute_direct cannot compute {column.name}'s default; give it a value")
-            defaults[column.key] = column.default.arg
-        # The statement itself is kept so that its id is not reused while the entry stands.
-        known = _DIRECT[(id(statement), dialect.name, keys)] = (statement, compiled, compiled.positiontup, defaults)
-    _, compiled, order, defaults = known
-    bound: list[Any] = [compiled.construct_params({**defaults, **row}, _check=False) for row in rows]
-    if order is not None:
-        bound = [tuple(values[name] for name in order) for values in bound]
+        known = forms[(dialect.name, keys)] = _compiled_for_direct(statement, dialect, keys)
+    compiled, defaults = known
+    bound: list[Any] = [
+        compiled.construct_params({**defaults, **row} if defaults else row, _check=False) for row in rows
+    ]
+    if compiled.positiontup is not None:  # SQLite's "?" placeholders
+        bound = [tuple(values[name] for name in compiled.positiontup) for values in bound]
     cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         if len(bound) == 1:
