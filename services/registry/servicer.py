@@ -144,9 +144,8 @@ async def _receive(upload: Any, requests: AsyncIterator[Any], context: grpc.aio.
         await _receive_files(upload, requests)
         if context.cancelled():
             raise asyncio.CancelledError
-        database = upload.registry.database
-        await _uncancellable(upload, database.run(upload.seal))  # fsync, reading ONNX or MLmodel
-        return await _uncancellable(upload, database.run_short(upload.commit))
+        # seal: fsync, reading ONNX or MLmodel; commit: one short transaction
+        return await _uncancellable(upload, upload.registry.database.run_then_short(upload.seal, upload.commit))
     except BaseException:
         upload.abort()
         raise
