@@ -162,6 +162,27 @@ async def test_live_events_keep_commit_order_and_an_overflow_catches_up_from_the
     assert await stream_ids(nats_server.url) == ids
 
 
+async def test_events_keep_flowing_while_marking_rows_sent_waits_on_the_database(postgres_url, nats_server):
+    database = make_database(postgres_url)
+    outbox = Outbox()
+    relay = Relay(database, outbox, nats_server.url, poll_seconds=60)
+    async with running(relay):
+        ids = stage(database, outbox, 1, "warmup")
+        await wait_until(lambda: relay.published == 1 and pending_count(database) == 0)  # live now
+        ids += stage(database, outbox, 1, "locked")
+        # Another transaction holds that row's lock before the relay gets to it: marking it sent
+        # after publishing has to wait for the lock.
+        with database.transaction() as blocker:
+            blocker.exec(select(OutboxEvent).where(OutboxEvent.id == ids[-1]).with_for_update()).one()
+            await wait_until(lambda: relay.published == 2)
+            await asyncio.sleep(0.2)  # the marking UPDATE is waiting on the lock by now
+            ids += stage(database, outbox, 1, "meanwhile")
+            await wait_until(lambda: relay.published == 3, timeout=5)
+            assert await stream_ids(nats_server.url) == ids
+            assert pending_count(database) == 2  # the locked row's marking waits; the next queues behind it
+        await wait_until(lambda: pending_count(database) == 0)
+
+
 async def test_a_row_jetstream_does_not_acknowledge_stays_pending_and_the_rest_are_marked_sent(tmp_path, nats_server):
     database = make_database(f"sqlite:///{tmp_path / 'o.db'}")
     outbox = Outbox()
