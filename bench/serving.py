@@ -85,6 +85,7 @@ TARGETS = {
     "runtime_single_row_p99": ("<=", 1.2, "runtime p99 latency over the floor's, single-row requests"),
     "runtime_1000_rows_throughput": (">=", 0.9, "runtime rows/s over the floor's, 1,000-row raw requests"),
     "capture_single_row_throughput": (">=", 0.95, "runtime with capture over without, single-row calls/s"),
+    "capture_1000_rows_throughput": (">=", 0.95, "runtime with capture over without, 1,000-row rows/s"),
     "router_single_row_throughput": (">=", 0.75, "through the endpoint router over the runtime direct, calls/s"),
 }
 
@@ -407,6 +408,9 @@ class Server:
     """Whether it sends what it answers to the capture stream (the runtime's /metrics count it)."""
     roles: dict[int, str] = field(default_factory=dict)
     """What each process is, when there are several (their CPU is then also given one by one)."""
+    capture_store_pid: int | None = None
+    """The nats-server that stores what it captures: its CPU is counted apart, as capture's cost
+    to the machine (the runtime's own cost is its CPU per call)."""
 
     def cpu_seconds(self) -> dict[int, float | None]:
         """CPU seconds so far of each of its processes (with their children)."""
@@ -495,9 +499,11 @@ def start_proxy_floor(workdir: Path, endpoint: Endpoint) -> Server:
 
 
 async def start_runtime(
-    home: Path, registry_address: str, ref: str, capture_nats_url: str | None, name: str = ""
+    home: Path, registry_address: str, ref: str, capture_nats: NatsProcess | None, name: str = ""
 ) -> Server:
-    """`python -m services.runtime` serving `ref`, as tests/runtime/conftest.py starts it."""
+    """`python -m services.runtime` serving `ref`, as tests/runtime/conftest.py starts it; with
+    `capture_nats`, capturing to that nats-server."""
+    capture_nats_url = capture_nats.url if capture_nats else None
     port, http_port = natsserver.free_port(), natsserver.free_port()
     environment = {
         **clean_environment(),
@@ -522,6 +528,7 @@ async def start_runtime(
         log_path,
         f"127.0.0.1:{http_port}",
         captures=bool(capture_nats_url),
+        capture_store_pid=capture_nats.process.pid if capture_nats and capture_nats.process else None,
     )
     deadline = time.monotonic() + 60
     while await asyncio.to_thread(health_status, server.address, RUNTIME_SERVICE, 1) != "SERVING":
@@ -667,6 +674,7 @@ async def h2load(
     ]
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     server_before = server.cpu_seconds()
+    store_before = cpu_seconds(server.capture_store_pid) if server.capture_store_pid else None
     machine_before = machine_busy_seconds()
     started = time.perf_counter()
     process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -679,6 +687,7 @@ async def h2load(
     elapsed = time.perf_counter() - started
     machine_after = machine_busy_seconds()
     server_after = server.cpu_seconds()
+    store_after = cpu_seconds(server.capture_store_pid) if server.capture_store_pid else None
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     text_output = output.decode(errors="replace")
     figures = _h2load_figures(text_output)
@@ -716,11 +725,18 @@ async def h2load(
             result["server_cpu_percent_by_process"] = {
                 role: round(seconds / elapsed * 100, 1) for role, seconds in by_role.items()
             }
+        store = 0.0
+        if store_before is not None and store_after is not None:
+            store = (store_after - store_before) / elapsed * 100
+            result["capture_store_cpu_percent"] = round(store, 1)
+            result["capture_store_cpu_us_per_call"] = round(
+                (store_after - store_before) / max(1, figures["succeeded"]) * 1e6, 1
+            )
         if machine_before is not None and machine_after is not None:
             # Everything else that ran meanwhile: this process, the idle servers, and any other load.
             machine = (machine_after - machine_before) / elapsed * 100
             result["machine_cpu_percent"] = round(machine, 1)
-            other = machine - result["server_cpu_percent"] - h2load_cpu / elapsed * 100
+            other = machine - result["server_cpu_percent"] - h2load_cpu / elapsed * 100 - store
             result["other_cpu_percent"] = round(max(0.0, other), 1)  # /proc/stat counts in ticks: ~1% noise
     if not result["answers_checked"]:
         result["error"] = (
@@ -795,7 +811,7 @@ async def measure_once(
 
 
 async def capture_pairs(
-    workdir: Path, registry_address: str, ref: str, nats_url: str, load: Load, plan: Plan, profiler: Profiler
+    workdir: Path, registry_address: str, ref: str, nats_server: NatsProcess, load: Load, plan: Plan, profiler: Profiler
 ) -> dict[str, Any]:
     """The capture's cost, judged over `plan.capture_pairs` pairs of freshly started runtimes, one
     without capture and one with, each pair measured like a phase and stopped. Two identical
@@ -809,7 +825,7 @@ async def capture_pairs(
         home = workdir / f"pair-{number}"
         servers = [
             await start_runtime(home / "runtime", registry_address, ref, None, f"runtime_{number}"),
-            await start_runtime(home / "capture", registry_address, ref, nats_url, f"capture_{number}"),
+            await start_runtime(home / "capture", registry_address, ref, nats_server, f"capture_{number}"),
         ]
         try:
             for server in servers:
@@ -852,18 +868,23 @@ def over_pairs(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     calls, and one "round" per pair, so that the verdict gives the pairs one by one."""
     calls = sum(summary["calls"] for summary in summaries)
     seconds = sum(summary["seconds"] for summary in summaries)
-    cpu = [summary.get("server_cpu_us_per_call") for summary in summaries]
-    return {
+
+    def per_call(key: str) -> float | None:
+        values = [summary.get(key) for summary in summaries]
+        if not calls or None in values:
+            return None
+        return round(sum(us * summary["calls"] for us, summary in zip(values, summaries, strict=True)) / calls, 1)
+
+    result = {
         "calls": calls,
         "per_second": round(calls / seconds, 1) if seconds else None,
-        "server_cpu_us_per_call": (
-            round(sum(us * summary["calls"] for us, summary in zip(cpu, summaries, strict=True)) / calls, 1)
-            if calls and None not in cpu
-            else None
-        ),
+        "server_cpu_us_per_call": per_call("server_cpu_us_per_call"),
         "answers_checked": all(summary["answers_checked"] for summary in summaries),
         "rounds": [{"per_second": summary["per_second"]} for summary in summaries],
     }
+    if (store := per_call("capture_store_cpu_us_per_call")) is not None:
+        result["capture_store_cpu_us_per_call"] = store
+    return result
 
 
 def summarise(measured: Measured, rows: int) -> dict[str, Any]:
@@ -881,7 +902,13 @@ def summarise(measured: Measured, rows: int) -> dict[str, Any]:
         result["rows_per_second"] = round(per_second * rows, 1)
     result["latency"] = latency_summary(measured.latencies)
     result["answers_checked"] = all(run["answers_checked"] and run["warmup"]["answers_checked"] for run in runs)
-    for key in ("server_cpu_percent", "h2load_cpu_percent", "machine_cpu_percent", "other_cpu_percent"):
+    for key in (
+        "server_cpu_percent",
+        "h2load_cpu_percent",
+        "machine_cpu_percent",
+        "other_cpu_percent",
+        "capture_store_cpu_percent",
+    ):
         values = [run[key] for run in runs if key in run]
         if values:
             result[key] = round(sum(values) / len(values), 1)
@@ -889,6 +916,9 @@ def summarise(measured: Measured, rows: int) -> dict[str, Any]:
         # CPU per call is less swayed by a busy machine than calls/s: weigh the rounds by their calls.
         spent = sum(run["server_cpu_us_per_call"] * run["calls"] for run in runs)
         result["server_cpu_us_per_call"] = round(spent / calls, 1) if calls else None
+        if all("capture_store_cpu_us_per_call" in run for run in runs):
+            stored = sum(run["capture_store_cpu_us_per_call"] * run["calls"] for run in runs)
+            result["capture_store_cpu_us_per_call"] = round(stored / calls, 1) if calls else None
         roles = runs[0].get("server_cpu_percent_by_process")
         if roles:
             result["server_cpu_us_per_call_by_process"] = {
@@ -1064,6 +1094,7 @@ def judge(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
         "runtime_single_row_p99": ("single_row", "runtime", "floor", ("latency", "p99_ms"), "ms"),
         "runtime_1000_rows_throughput": ("rows_1000", "runtime", "floor", ("rows_per_second",), "rows/s"),
         "capture_single_row_throughput": ("capture_pairs", "runtime_capture", "runtime", ("per_second",), "calls/s"),
+        "capture_1000_rows_throughput": ("rows_1000", "runtime_capture", "runtime", ("rows_per_second",), "rows/s"),
         "router_single_row_throughput": ("single_row", "router", "runtime", ("per_second",), "calls/s"),
     }
     router = results.get("single_row", {}).get("router", {})
@@ -1120,6 +1151,12 @@ def judge(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
                     disturbed.append(name)
         if name == "capture_single_row_throughput":
             verdict["cpu_share_in_process"] = capture_cpu_share(results)
+        if name.startswith("capture") and measured_entry and "capture_store_cpu_us_per_call" in measured_entry:
+            # The nats-server storing the captures shares this machine's CPUs with the runtime (and
+            # is left out of `other_cpu_percent_during`): part of what capture costs here.
+            verdict["capture_store_cpu_us_per_call"] = measured_entry["capture_store_cpu_us_per_call"]
+            if "capture_store_cpu_percent" in measured_entry:
+                verdict["capture_store_cpu_percent"] = measured_entry["capture_store_cpu_percent"]
         verdicts[name] = verdict
     verdicts["all_pass"] = bool(judged) and all(judged)
     notes = []
@@ -1226,7 +1263,7 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
             servers.append(start_floor(workdir, model, str(version.version), inline=True))
             servers.append(start_floor(workdir, model, str(version.version), inline=False))
             servers.append(await start_runtime(workdir / "runtime", registry_address, ref, None))
-            servers.append(await start_runtime(workdir / "runtime-capture", registry_address, ref, nats_server.url))
+            servers.append(await start_runtime(workdir / "runtime-capture", registry_address, ref, nats_server))
             if router_available:
                 try:
                     endpoint = await start_endpoint(workdir / "deployer", registry_address, nats_server.url, ref)
@@ -1284,7 +1321,7 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
                 results["capture"][load.name] = capture_report(before, await capture_drained(capturing))
             log.info("single_row requests, fresh pairs without and with capture:")
             results["capture_pairs"] = await capture_pairs(
-                workdir, registry_address, ref, nats_server.url, loads[0][0], plan, profiler
+                workdir, registry_address, ref, nats_server, loads[0][0], plan, profiler
             )
             for phase_name in ("single_row", "rows_1000"):
                 if not router_available:
