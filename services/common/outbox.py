@@ -9,8 +9,9 @@ the same process, which publishes them at once without reading them back. Catch-
 after any failure, when the live queue overflows, and every `poll_seconds` when idle, the relay
 publishes whatever the table still holds unsent, oldest first, before going live again; that
 covers events of a process that died, and every event while NATS was away. Rows are marked sent
-in batches a few milliseconds later; an event published twice (a crash before its mark, or two
-paths racing) carries the same `Nats-Msg-Id` and JetStream keeps one. On PostgreSQL several
+in batches a few milliseconds later, in the background while publishing goes on; an event
+published twice (a crash before its mark, or two paths racing) carries the same `Nats-Msg-Id`
+and JetStream keeps one. On PostgreSQL several
 relays may share one database: catch-up claims rows with FOR UPDATE SKIP LOCKED.
 """
 
