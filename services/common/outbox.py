@@ -11,8 +11,8 @@ publishes whatever the table still holds unsent, oldest first, before going live
 covers events of a process that died, and every event while NATS was away. Rows are marked sent
 in batches a few milliseconds later, in the background while publishing goes on; an event
 published twice (a crash before its mark, or two paths racing) carries the same `Nats-Msg-Id`
-and JetStream keeps one. On PostgreSQL several
-relays may share one database: catch-up claims rows with FOR UPDATE SKIP LOCKED.
+and JetStream keeps one. On PostgreSQL several relays may share one database: catch-up claims
+rows with FOR UPDATE SKIP LOCKED.
 """
 
 from __future__ import annotations
