@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,18 @@ def running(instance: str, module: str) -> bool:
     return is_alive(pid, module) and (not started or _start_time(pid) == started)
 
 
+def resident_mb(instance: str) -> float:
+    """The process's resident memory now (VmRSS), MiB; 0 when it is gone."""
+    try:
+        status = Path(f"/proc/{instance.partition(':')[0]}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def stop(instance: str, module: str, timeout: float = 10.0) -> None:
     """SIGTERM (the runtime drains in-flight requests), then SIGKILL after `timeout`."""
     if running(instance, module):
@@ -106,6 +119,8 @@ class LocalProcesses:
         self.nats_url = nats_url
         self.log_level = log_level
         self.log_dir = home / "deployer" / "logs"
+        self._out_of_memory: dict[str, str] = {}
+        """Replicas killed here for going over their memory limit, by instance: what they had reached."""
 
     def replica_log(self, endpoint: str, deployment: str, index: int) -> Path:
         return self.log_dir / endpoint / f"{deployment}-{index}.log"
@@ -136,10 +151,21 @@ class LocalProcesses:
         return Started(instance_of(process), grpc_port, http_port)
 
     def replica_running(self, launch: ReplicaLaunch, instance: str) -> bool:
-        return running(instance, RUNTIME_MODULE)
+        """Whether it runs; one found over its memory limit is killed first, as the kernel kills a
+        container at its limit (checked at each of the reconciler's rounds, not continuously)."""
+        if not running(instance, RUNTIME_MODULE):
+            return False
+        if launch.memory_mb and (resident := resident_mb(instance)) > launch.memory_mb:
+            self._out_of_memory[instance] = f"{resident:.0f} MB resident"
+            os.kill(int(instance.partition(":")[0]), signal.SIGKILL)
+            return False
+        return True
 
     def replica_reason(self, launch: ReplicaLaunch, instance: str) -> str:
-        return exit_reason(self.launch_log(launch))
+        last = exit_reason(self.launch_log(launch))
+        if reached := self._out_of_memory.pop(instance, None):
+            return f"out of memory: killed at {reached}, over its limit of {launch.memory_mb} MB; last logged: {last}"
+        return last
 
     def stop_replica(self, launch: ReplicaLaunch, instance: str) -> None:
         stop(instance, RUNTIME_MODULE)

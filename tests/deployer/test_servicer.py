@@ -114,6 +114,25 @@ def test_a_killed_replica_is_reported_unhealthy_then_restarted(deployer, registr
     assert "exited" in unhealthy[0].data["reason"]
 
 
+def test_a_replica_over_its_memory_limit_is_killed_and_reported_out_of_memory(deployer, registry_process, adder):
+    with deployer.client() as client:
+        client.create("tight", adder, memory_mb=64)  # a runtime with its model holds more than 64 MiB
+        # Killed at each start, never ready: restarted with backoff until the deployment fails.
+        failed = wait_for(client, "tight", "blue", deployer_pb2.DEPLOYMENT_STATUS_FAILED, timeout=120)
+        assert "out of memory" in failed.message and "over its limit of 64 MB" in failed.message, failed.message
+        wait_for_event(registry_process.nats_url, "tight", "deployment.failed:blue")
+        reasons = [
+            event.data["reason"]
+            for event in deployment_events(registry_process.nats_url, "tight")
+            if event.kind == "deployment.failed"
+        ]
+        assert "out of memory" in reasons[0], reasons
+        client.create("roomy", adder, memory_mb=4096)
+        ready = wait_for(client, "roomy", "blue", READY)
+    assert infer(ready.replica_states[0].grpc_address, "roomy", [1, 1, 1])[0] == [2, 2, 2]
+    assert kinds(registry_process.nats_url, "roomy")[:2] == ["deployment.created:blue", "deployment.ready:blue"]
+
+
 def test_traffic_follows_the_rules_and_deleting_releases_everything(deployer, registry_process, adder):
     with deployer.client() as client:
         client.create("shift", adder)
