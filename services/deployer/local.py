@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,8 +118,6 @@ class LocalProcesses:
         self.nats_url = nats_url
         self.log_level = log_level
         self.log_dir = home / "deployer" / "logs"
-        self._out_of_memory: dict[str, str] = {}
-        """Replicas killed here for going over their memory limit, by instance: what they had reached."""
 
     def replica_log(self, endpoint: str, deployment: str, index: int) -> Path:
         return self.log_dir / endpoint / f"{deployment}-{index}.log"
@@ -156,16 +153,16 @@ class LocalProcesses:
         if not running(instance, RUNTIME_MODULE):
             return False
         if launch.memory_mb and (resident := resident_mb(instance)) > launch.memory_mb:
-            self._out_of_memory[instance] = f"{resident:.0f} MB resident"
-            os.kill(int(instance.partition(":")[0]), signal.SIGKILL)
+            stop(instance, RUNTIME_MODULE, timeout=0)
+            # Its log's last line, once it is gone: the reason replica_reason and `deploy logs` give.
+            reason = f"out of memory: killed at {resident:.0f} MB resident, over its limit of {launch.memory_mb} MB"
+            with self.launch_log(launch).open("a") as log:
+                log.write(reason + "\n")
             return False
         return True
 
     def replica_reason(self, launch: ReplicaLaunch, instance: str) -> str:
-        last = exit_reason(self.launch_log(launch))
-        if reached := self._out_of_memory.pop(instance, None):
-            return f"out of memory: killed at {reached}, over its limit of {launch.memory_mb} MB; last logged: {last}"
-        return last
+        return exit_reason(self.launch_log(launch))
 
     def stop_replica(self, launch: ReplicaLaunch, instance: str) -> None:
         stop(instance, RUNTIME_MODULE)
