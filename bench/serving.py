@@ -404,13 +404,16 @@ class Server:
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     http_address: str | None = None
-    captures: bool = False
-    """Whether it sends what it answers to the capture stream (the runtime's /metrics count it)."""
     roles: dict[int, str] = field(default_factory=dict)
     """What each process is, when there are several (their CPU is then also given one by one)."""
     capture_store_pid: int | None = None
-    """The nats-server that stores what it captures: its CPU is counted apart, as capture's cost
-    to the machine (the runtime's own cost is its CPU per call)."""
+    """When it captures: the nats-server that stores what it captures, whose CPU is counted
+    apart, as capture's cost to the machine (the runtime's own cost is its CPU per call)."""
+
+    @property
+    def captures(self) -> bool:
+        """Whether it sends what it answers to the capture stream (the runtime's /metrics count it)."""
+        return self.capture_store_pid is not None
 
     def cpu_seconds(self) -> dict[int, float | None]:
         """CPU seconds so far of each of its processes (with their children)."""
@@ -503,7 +506,6 @@ async def start_runtime(
 ) -> Server:
     """`python -m services.runtime` serving `ref`, as tests/runtime/conftest.py starts it; with
     `capture_nats`, capturing to that nats-server."""
-    capture_nats_url = capture_nats.url if capture_nats else None
     port, http_port = natsserver.free_port(), natsserver.free_port()
     environment = {
         **clean_environment(),
@@ -513,22 +515,24 @@ async def start_runtime(
         "MLMESH_RUNTIME_MODELS": ref,
         "MLMESH_RUNTIME_REGISTRY_ADDRESS": registry_address,
     }
-    if capture_nats_url:
-        environment.update(MLMESH_RUNTIME_CAPTURE="true", MLMESH_NATS_URL=capture_nats_url)
+    store_pid = None
+    if capture_nats:
+        assert capture_nats.process is not None, "start the nats-server first"
+        store_pid = capture_nats.process.pid
+        environment.update(MLMESH_RUNTIME_CAPTURE="true", MLMESH_NATS_URL=capture_nats.url)
     log_path = home / "runtime.log"
     process = spawn([sys.executable, "-m", "services.runtime"], environment, log_path)
-    name = name or ("runtime_capture" if capture_nats_url else "runtime")
+    name = name or ("runtime_capture" if capture_nats else "runtime")
     server = Server(
         name,
         f"127.0.0.1:{port}",
         [process.pid],
         "python -m services.runtime, default settings (1 worker, intra/inter-op threads 1, no batching)"
-        + (", MLMESH_RUNTIME_CAPTURE=true to the registry's nats-server" if capture_nats_url else ""),
+        + (", MLMESH_RUNTIME_CAPTURE=true to the registry's nats-server" if capture_nats else ""),
         process,
         log_path,
         f"127.0.0.1:{http_port}",
-        captures=bool(capture_nats_url),
-        capture_store_pid=capture_nats.process.pid if capture_nats and capture_nats.process else None,
+        capture_store_pid=store_pid,
     )
     deadline = time.monotonic() + 60
     while await asyncio.to_thread(health_status, server.address, RUNTIME_SERVICE, 1) != "SERVING":
@@ -868,23 +872,25 @@ def over_pairs(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     calls, and one "round" per pair, so that the verdict gives the pairs one by one."""
     calls = sum(summary["calls"] for summary in summaries)
     seconds = sum(summary["seconds"] for summary in summaries)
-
-    def per_call(key: str) -> float | None:
-        values = [summary.get(key) for summary in summaries]
-        if not calls or None in values:
-            return None
-        return round(sum(us * summary["calls"] for us, summary in zip(values, summaries, strict=True)) / calls, 1)
-
     result = {
         "calls": calls,
         "per_second": round(calls / seconds, 1) if seconds else None,
-        "server_cpu_us_per_call": per_call("server_cpu_us_per_call"),
+        "server_cpu_us_per_call": per_call_mean(summaries, "server_cpu_us_per_call"),
         "answers_checked": all(summary["answers_checked"] for summary in summaries),
         "rounds": [{"per_second": summary["per_second"]} for summary in summaries],
     }
-    if (store := per_call("capture_store_cpu_us_per_call")) is not None:
+    if (store := per_call_mean(summaries, "capture_store_cpu_us_per_call")) is not None:
         result["capture_store_cpu_us_per_call"] = store
     return result
+
+
+def per_call_mean(entries: list[dict[str, Any]], key: str) -> float | None:
+    """A per-call figure over several runs, each weighed by its calls (CPU per call is less swayed
+    by a busy machine than calls/s); None when a run lacks it or none made a call."""
+    calls = sum(entry["calls"] for entry in entries)
+    if not calls or any(entry.get(key) is None for entry in entries):
+        return None
+    return round(sum(entry[key] * entry["calls"] for entry in entries) / calls, 1)
 
 
 def summarise(measured: Measured, rows: int) -> dict[str, Any]:
@@ -912,13 +918,10 @@ def summarise(measured: Measured, rows: int) -> dict[str, Any]:
         values = [run[key] for run in runs if key in run]
         if values:
             result[key] = round(sum(values) / len(values), 1)
-    if runs and all("server_cpu_us_per_call" in run for run in runs):
-        # CPU per call is less swayed by a busy machine than calls/s: weigh the rounds by their calls.
-        spent = sum(run["server_cpu_us_per_call"] * run["calls"] for run in runs)
-        result["server_cpu_us_per_call"] = round(spent / calls, 1) if calls else None
-        if all("capture_store_cpu_us_per_call" in run for run in runs):
-            stored = sum(run["capture_store_cpu_us_per_call"] * run["calls"] for run in runs)
-            result["capture_store_cpu_us_per_call"] = round(stored / calls, 1) if calls else None
+    if (spent := per_call_mean(runs, "server_cpu_us_per_call")) is not None:
+        result["server_cpu_us_per_call"] = spent
+        if (stored := per_call_mean(runs, "capture_store_cpu_us_per_call")) is not None:
+            result["capture_store_cpu_us_per_call"] = stored
         roles = runs[0].get("server_cpu_percent_by_process")
         if roles:
             result["server_cpu_us_per_call_by_process"] = {
