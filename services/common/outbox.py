@@ -209,16 +209,16 @@ class Relay:
         next_poll = time.monotonic() + self.poll_seconds
         while not self.outbox.overflowed:
             if self._marking is not None and self._marking.done():
-                marking, self._marking = self._marking, None
-                marking.result()  # raises what the marking met, if anything
+                finished, self._marking = self._marking, None
+                finished.result()  # raises what the marking met, if anything
             ready = self.outbox.ready
             if ready:
                 rows = [ready.popleft() for _ in range(min(len(ready), self.batch_size))]
                 await self._publish_all(jetstream, rows)
                 continue
             now = time.monotonic()
-            marking = self._marking is not None
-            if self._unmarked and not marking and now - self._unmarked_since >= self.mark_delay_seconds:
+            marking_idle = self._marking is None
+            if self._unmarked and marking_idle and now - self._unmarked_since >= self.mark_delay_seconds:
                 self._start_marking()
                 continue
             if now >= next_poll:
@@ -226,7 +226,7 @@ class Relay:
                 await self.prune_if_due()
                 return
             timeout = next_poll - now
-            if self._unmarked and not marking:
+            if self._unmarked and marking_idle:
                 timeout = min(timeout, self._unmarked_since + self.mark_delay_seconds - now)
             await self.outbox.wait(timeout)
 
