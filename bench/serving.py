@@ -2,7 +2,7 @@
 
 Prints one JSON document to stdout; progress goes to stderr. Run from the repository root:
 
-    .venv/bin/python bench/serving.py                 # full run (about 2.5 min)
+    .venv/bin/python bench/serving.py                 # full run (about 10 min)
     .venv/bin/python bench/serving.py --quick         # short run, to check that everything works
     .venv/bin/python bench/serving.py --profile /tmp/profiles
 
@@ -12,7 +12,8 @@ server runs as its own process and serves it over the Open Inference Protocol: t
 capture, the endpoint router of a deployment made by `python -m services.deployer`, and in front
 of the same replica a bare grpc.aio proxy (bench/proxy_floor.py, the router's floor). The same
 h2load load (calls in flight, request bytes) drives each of them in turn, and every figure comes
-with the baseline measured in the same run and the ratio to it; see bench/README.md.
+with the baseline measured in the same run and the ratio to it. What capture adds to the runtime's
+own work is also counted in instructions, under valgrind's callgrind; see bench/README.md.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import tempfile
 import time
 import traceback
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,6 +69,7 @@ from services._proto.mlmesh.v1 import deployer_pb2
 from services.client import DeployerClient, RegistryClient
 from services.common import natsserver
 from services.launcher import health_status
+from services.runtime.settings import RuntimeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = Path(__file__).resolve().parent / "floor.py"
@@ -87,6 +90,18 @@ TARGETS = {
     "capture_single_row_throughput": (">=", 0.95, "runtime with capture over without, single-row calls/s"),
     "capture_1000_rows_throughput": (">=", 0.95, "runtime with capture over without, 1,000-row rows/s"),
     "router_single_row_throughput": (">=", 0.75, "through the endpoint router over the runtime direct, calls/s"),
+}
+INSTRUCTION_TARGETS = {
+    "capture_single_row_instructions": (
+        "single_row",
+        0.95,
+        "runtime instructions per call without capture over with, single-row",
+    ),
+    "capture_1000_rows_instructions": (
+        "rows_1000",
+        0.95,
+        "runtime instructions per call without capture over with, 1,000-row",
+    ),
 }
 
 log = logging.getLogger("bench.serving")
@@ -109,6 +124,10 @@ class Plan:
     """Calls per sample of the in-process breakdown (5 samples per part, the median kept)."""
     capture_pairs: int
     """Fresh pairs of runtimes (without and with capture) that judge the capture's cost."""
+    instruction_calls_single: int
+    instruction_calls_batch: int
+    """Calls counted under callgrind per runtime (and as many to warm it up): multiples of the
+    capture batch (256 requests), so that every request counted is also sent in the count."""
 
 
 FULL = Plan(
@@ -120,6 +139,8 @@ FULL = Plan(
     streams=8,
     breakdown_calls=2000,
     capture_pairs=4,
+    instruction_calls_single=2048,
+    instruction_calls_batch=256,
 )
 QUICK = Plan(
     seconds=1,
@@ -130,6 +151,8 @@ QUICK = Plan(
     streams=8,
     breakdown_calls=300,
     capture_pairs=1,
+    instruction_calls_single=256,
+    instruction_calls_batch=256,
 )
 
 
@@ -502,10 +525,19 @@ def start_proxy_floor(workdir: Path, endpoint: Endpoint) -> Server:
 
 
 async def start_runtime(
-    home: Path, registry_address: str, ref: str, capture_nats: NatsProcess | None, name: str = ""
+    home: Path,
+    registry_address: str,
+    ref: str,
+    capture_nats: NatsProcess | None,
+    name: str = "",
+    *,
+    wrapper: Sequence[str] = (),
+    settings: dict[str, str] | None = None,
+    start_seconds: float = 60,
 ) -> Server:
     """`python -m services.runtime` serving `ref`, as tests/runtime/conftest.py starts it; with
-    `capture_nats`, capturing to that nats-server."""
+    `capture_nats`, capturing to that nats-server; under `wrapper` (a command that runs it, such as
+    valgrind), with `settings` (MLMESH_ variables) added."""
     port, http_port = natsserver.free_port(), natsserver.free_port()
     environment = {
         **clean_environment(),
@@ -514,6 +546,7 @@ async def start_runtime(
         "MLMESH_RUNTIME_HTTP_PORT": str(http_port),
         "MLMESH_RUNTIME_MODELS": ref,
         "MLMESH_RUNTIME_REGISTRY_ADDRESS": registry_address,
+        **(settings or {}),
     }
     store_pid = None
     if capture_nats:
@@ -521,7 +554,7 @@ async def start_runtime(
         store_pid = capture_nats.process.pid
         environment.update(MLMESH_RUNTIME_CAPTURE="true", MLMESH_NATS_URL=capture_nats.url)
     log_path = home / "runtime.log"
-    process = spawn([sys.executable, "-m", "services.runtime"], environment, log_path)
+    process = spawn([*wrapper, sys.executable, "-m", "services.runtime"], environment, log_path)
     name = name or ("runtime_capture" if capture_nats else "runtime")
     server = Server(
         name,
@@ -534,7 +567,7 @@ async def start_runtime(
         f"127.0.0.1:{http_port}",
         capture_store_pid=store_pid,
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + start_seconds
     while await asyncio.to_thread(health_status, server.address, RUNTIME_SERVICE, 1) != "SERVING":
         if process.poll() is not None or time.monotonic() > deadline:
             stop_process(process)
@@ -867,6 +900,116 @@ async def capture_pairs(
     }
 
 
+# ---------------------------------------------------------------- capture, counted in instructions
+
+
+VALGRIND = shutil.which("valgrind")
+CALLGRIND_CONTROL = shutil.which("callgrind_control")
+CAPTURE_BATCH = RuntimeSettings.model_fields["capture_batch_rows"].default
+SETTLE_SECONDS = 10
+"""After the counted calls: time for the last batch to be encoded and published under callgrind."""
+
+
+async def capture_instructions(
+    workdir: Path, registry_address: str, ref: str, nats_server: NatsProcess, load: Load, calls: int, plan: Plan
+) -> dict[str, Any]:
+    """What capture adds to the runtime's own work per call, counted in instructions rather than
+    timed: two runtime processes of the same code differ in calls/s by 10% or more here, while
+    callgrind's count of one repeats to a fraction of a percent. A runtime without capture and one
+    with run in turn under callgrind, counting off until `calls` calls have warmed them up, then on
+    for `calls` more. Captures go out by count alone, as under load (every 256 requests; the flush
+    interval is longer than the run), and both counts are multiples of 256, so every request
+    counted is offered, encoded and published inside the count. Not counted: the kernel's work
+    (socket writes to nats-server) and nats-server's own, which `capture_store_cpu_us_per_call`
+    shows for the timed runs."""
+    assert VALGRIND and CALLGRIND_CONTROL and calls % CAPTURE_BATCH == 0
+    counted: dict[str, Any] = {}
+    for name, capturing in (("runtime", False), ("runtime_capture", True)):
+        home = workdir / f"instructions-{load.name}-{name}"
+        output = home / "callgrind.out"
+        home.mkdir(parents=True)
+        log.info("  %s, %s under callgrind ...", load.name, name)
+        server = await start_runtime(
+            home,
+            registry_address,
+            ref,
+            nats_server if capturing else None,
+            f"{name}_callgrind",
+            wrapper=[VALGRIND, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={output}"],
+            settings={"MLMESH_RUNTIME_CAPTURE_FLUSH_SECONDS": "3600"},
+            start_seconds=600,
+        )
+        load.answer_size[server.name] = load.answer_size["runtime"]
+
+        async def callgrind(*arguments: str, pid: int = server.pids[0]) -> None:
+            process = await asyncio.create_subprocess_exec(
+                CALLGRIND_CONTROL, *arguments, str(pid), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            if await process.wait() != 0:
+                raise RuntimeError(f"callgrind_control {' '.join(arguments)} failed")
+
+        try:
+            await h2load(server, load, calls, plan, timeout=1800)
+            if capturing:
+                await capture_drained(server, timeout=300)
+            await callgrind("--instr=on")
+            answered = await h2load(server, load, calls, plan, timeout=1800)
+            await asyncio.sleep(SETTLE_SECONDS)
+            await callgrind("--instr=off")
+            captured = await asyncio.to_thread(capture_counts, server) if capturing else None
+            await callgrind("--dump")
+            total = await asyncio.to_thread(callgrind_total, output)
+        finally:
+            server.stop()
+        entry: dict[str, Any] = {
+            "instructions_per_call": round(total / answered["calls"]),
+            "answers_checked": answered["answers_checked"],
+        }
+        if captured is not None:
+            entry["every_request_captured"] = captured["published"] == captured["requests_ok"] == 2 * calls
+        counted[name] = entry
+    plain, capturing_entry = counted["runtime"]["instructions_per_call"], counted["runtime_capture"]
+    extra = capturing_entry["instructions_per_call"] - plain
+    return {
+        **counted,
+        "calls": calls,
+        "capture_extra_percent": round(extra / plain * 100, 2),
+        "answers_checked": counted["runtime"]["answers_checked"] and capturing_entry["answers_checked"],
+    }
+
+
+async def counted_capture(
+    workdir: Path, registry_address: str, ref: str, nats_server: NatsProcess, loads: list[Load], plan: Plan
+) -> dict[str, Any]:
+    """`capture_instructions` for each load; a failure is recorded and the run goes on."""
+    if not (VALGRIND and CALLGRIND_CONTROL):
+        return {"skipped": "valgrind is not installed (apt-get install valgrind): capture was not counted"}
+    log.info("capture, counted in instructions under callgrind:")
+    counted: dict[str, Any] = {}
+    calls = {"single_row": plan.instruction_calls_single, "rows_1000": plan.instruction_calls_batch}
+    for load in loads:
+        try:
+            counted[load.name] = await capture_instructions(
+                workdir, registry_address, ref, nats_server, load, calls[load.name], plan
+            )
+        except Exception as error:
+            log.error("counting %s failed:\n%s", load.name, traceback.format_exc())
+            counted[load.name] = {"error": f"{type(error).__name__}: {error}"}
+    return counted
+
+
+def callgrind_total(output: Path) -> int:
+    """The instructions counted in callgrind's dump (`<output>.1`, written by `callgrind_control --dump`)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for dump in sorted(output.parent.glob(f"{output.name}.*")):
+            for line in dump.read_text(errors="replace").splitlines():
+                if line.startswith("totals:"):
+                    return int(line.split()[1])
+        time.sleep(0.2)
+    raise RuntimeError(f"callgrind wrote no dump beside {output}")
+
+
 def over_pairs(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """One kind of server over every pair: its calls over their seconds, its CPU per call over its
     calls, and one "round" per pair, so that the verdict gives the pairs one by one."""
@@ -1161,6 +1304,25 @@ def judge(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
             if "capture_store_cpu_percent" in measured_entry:
                 verdict["capture_store_cpu_percent"] = measured_entry["capture_store_cpu_percent"]
         verdicts[name] = verdict
+    counted = results.get("capture_instructions", {})
+    for name, (load_name, target, what) in INSTRUCTION_TARGETS.items():
+        entry = counted.get(load_name) if isinstance(counted, dict) else None
+        verdict = {"what": what, "target": f"ratio >= {target:g}", "unit": "instructions/call (callgrind)"}
+        if isinstance(entry, dict) and entry.get("answers_checked") and "runtime" in entry:
+            without = entry["runtime"]["instructions_per_call"]
+            with_capture = entry["runtime_capture"]["instructions_per_call"]
+            measured = ratio(without, with_capture)
+            captured = entry["runtime_capture"].get("every_request_captured") is True
+            passed = measured is not None and measured >= target and captured
+            verdict.update(value=with_capture, baseline=without, ratio=measured, every_request_captured=captured)
+        else:
+            passed = False
+            verdict["missing"] = (
+                (counted.get("skipped") or (entry or {}).get("error")) if isinstance(counted, dict) else None
+            )
+        verdict["pass"] = passed
+        judged.append(passed)
+        verdicts[name] = verdict
     verdicts["all_pass"] = bool(judged) and all(judged)
     notes = []
     if plan is QUICK:
@@ -1325,6 +1487,9 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
             log.info("single_row requests, fresh pairs without and with capture:")
             results["capture_pairs"] = await capture_pairs(
                 workdir, registry_address, ref, nats_server, loads[0][0], plan, profiler
+            )
+            results["capture_instructions"] = await counted_capture(
+                workdir, registry_address, ref, nats_server, [load for load, _ in loads], plan
             )
             for phase_name in ("single_row", "rows_1000"):
                 if not router_available:
