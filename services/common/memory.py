@@ -1,9 +1,10 @@
-"""How a process's memory is handed out: glibc's malloc, set up once at start."""
+"""How a process's memory is handed out (glibc's malloc, set up once at start), and how much a process holds."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+from pathlib import Path
 
 MALLOC_MMAP_THRESHOLD_BYTES = 8 * 1024 * 1024
 """Blocks up to this size come from malloc's heap, reused, rather than from fresh mmaps."""
@@ -23,3 +24,16 @@ def reuse_large_blocks() -> None:
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, MALLOC_MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, MALLOC_TRIM_THRESHOLD_BYTES)  # M_TRIM_THRESHOLD
+
+
+def process_memory_mb(pid: int, field: str) -> float:
+    """A memory figure of a running process from /proc/<pid>/status, MiB: `VmRSS` (resident now)
+    or `VmHWM` (its peak resident); 0 when the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0.0
+    for line in lines:
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from services.common.memory import process_memory_mb
 from services.common.natsserver import free_port
 from services.launcher import is_alive, record_process, spawn_module, terminate
 
@@ -88,18 +89,6 @@ def running(instance: str, module: str) -> bool:
     return is_alive(pid, module) and (not started or _start_time(pid) == started)
 
 
-def resident_mb(instance: str) -> float:
-    """The process's resident memory now (VmRSS), MiB; 0 when it is gone."""
-    try:
-        status = Path(f"/proc/{instance.partition(':')[0]}/status").read_text()
-    except OSError:
-        return 0.0
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def stop(instance: str, module: str, timeout: float = 10.0) -> None:
     """SIGTERM (the runtime drains in-flight requests), then SIGKILL after `timeout`."""
     if running(instance, module):
@@ -152,14 +141,17 @@ class LocalProcesses:
         container at its limit (checked at each of the reconciler's rounds, not continuously)."""
         if not running(instance, RUNTIME_MODULE):
             return False
-        if launch.memory_mb and (resident := resident_mb(instance)) > launch.memory_mb:
-            stop(instance, RUNTIME_MODULE, timeout=0)
-            # Its log's last line, once it is gone: the reason replica_reason and `deploy logs` give.
-            reason = f"out of memory: killed at {resident:.0f} MB resident, over its limit of {launch.memory_mb} MB"
-            with self.launch_log(launch).open("a") as log:
-                log.write(reason + "\n")
-            return False
-        return True
+        if not launch.memory_mb:
+            return True
+        resident = process_memory_mb(int(instance.partition(":")[0]), "VmRSS")
+        if resident <= launch.memory_mb:
+            return True
+        stop(instance, RUNTIME_MODULE, timeout=0)
+        # Its log's last line, once it is gone: the reason replica_reason and `deploy logs` give.
+        reason = f"out of memory: killed at {resident:.0f} MB resident, over its limit of {launch.memory_mb} MB"
+        with self.launch_log(launch).open("a") as log:
+            log.write(reason + "\n")
+        return False
 
     def replica_reason(self, launch: ReplicaLaunch, instance: str) -> str:
         return exit_reason(self.launch_log(launch))

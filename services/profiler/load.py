@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from services.common.memory import process_memory_mb
+
 INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 STREAMS_PER_CONNECTION = 8
 SATURATED_PERCENT = 90.0
@@ -240,15 +242,7 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def peak_memory_mb(pids: list[int]) -> float:
     """Sum of the processes' peak resident memory (VmHWM), MiB."""
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total / 1024
+    return sum(process_memory_mb(pid, "VmHWM") for pid in pids)
 
 
 # ---------------------------------------------------------------- the Python generator
