@@ -940,24 +940,17 @@ async def capture_instructions(
             start_seconds=600,
         )
         load.answer_size[server.name] = load.answer_size["runtime"]
-
-        async def callgrind(*arguments: str, pid: int = server.pids[0]) -> None:
-            process = await asyncio.create_subprocess_exec(
-                CALLGRIND_CONTROL, *arguments, str(pid), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            if await process.wait() != 0:
-                raise RuntimeError(f"callgrind_control {' '.join(arguments)} failed")
-
+        pid = server.pids[0]
         try:
             await h2load(server, load, calls, plan, timeout=1800)
             if capturing:
                 await capture_drained(server, timeout=300)
-            await callgrind("--instr=on")
+            await callgrind_control(pid, "--instr=on")
             answered = await h2load(server, load, calls, plan, timeout=1800)
             await asyncio.sleep(SETTLE_SECONDS)
-            await callgrind("--instr=off")
+            await callgrind_control(pid, "--instr=off")
             captured = await asyncio.to_thread(capture_counts, server) if capturing else None
-            await callgrind("--dump")
+            await callgrind_control(pid, "--dump")
             total = await asyncio.to_thread(callgrind_total, output)
         finally:
             server.stop()
@@ -996,6 +989,16 @@ async def counted_capture(
             log.error("counting %s failed:\n%s", load.name, traceback.format_exc())
             counted[load.name] = {"error": f"{type(error).__name__}: {error}"}
     return counted
+
+
+async def callgrind_control(pid: int, *arguments: str) -> None:
+    """Tell the callgrind run `pid` to count (--instr=on), stop counting or write its counts (--dump)."""
+    assert CALLGRIND_CONTROL
+    process = await asyncio.create_subprocess_exec(
+        CALLGRIND_CONTROL, *arguments, str(pid), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    if await process.wait() != 0:
+        raise RuntimeError(f"callgrind_control {' '.join(arguments)} failed")
 
 
 def callgrind_total(output: Path) -> int:
@@ -1306,7 +1309,7 @@ def judge(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
         verdicts[name] = verdict
     counted = results.get("capture_instructions", {})
     for name, (load_name, target, what) in INSTRUCTION_TARGETS.items():
-        entry = counted.get(load_name) if isinstance(counted, dict) else None
+        entry = counted.get(load_name)
         verdict = {"what": what, "target": f"ratio >= {target:g}", "unit": "instructions/call (callgrind)"}
         if isinstance(entry, dict) and entry.get("answers_checked") and "runtime" in entry:
             without = entry["runtime"]["instructions_per_call"]
@@ -1317,9 +1320,7 @@ def judge(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
             verdict.update(value=with_capture, baseline=without, ratio=measured, every_request_captured=captured)
         else:
             passed = False
-            verdict["missing"] = (
-                (counted.get("skipped") or (entry or {}).get("error")) if isinstance(counted, dict) else None
-            )
+            verdict["missing"] = counted.get("skipped") or (entry or {}).get("error")
         verdict["pass"] = passed
         judged.append(passed)
         verdicts[name] = verdict
