@@ -68,6 +68,7 @@ from services._proto.inference import open_inference_pb2_grpc as oip_grpc
 from services._proto.mlmesh.v1 import deployer_pb2
 from services.client import DeployerClient, RegistryClient
 from services.common import natsserver
+from services.common.memory import process_memory_mb
 from services.launcher import health_status
 from services.runtime.settings import RuntimeSettings
 
@@ -1110,6 +1111,9 @@ async def run_phase(servers: list[Server], load: Load, plan: Plan, workdir: Path
             results[server.name] = {"error": failed[server.name]}
         else:
             results[server.name] = summarise(measured[server.name], load.rows)
+            results[server.name]["peak_memory_mb"] = round(
+                sum(process_memory_mb(pid, "VmHWM") for pid in server.pids), 1
+            )
     return results
 
 

@@ -580,12 +580,25 @@ class CaptureQueue:
 
 @dataclass
 class CaptureMessages:
-    """A batch of captured requests encoded for NATS: `payloads` each below the size limit,
-    `requests[i]` the requests that `payloads[i]` completes, `too_large` those left out."""
+    """A batch of captured requests laid out for NATS: message `i` is `headers[i]` and the parts
+    of its body `bodies[i]` (views of the requests' arrays, not copies), below the size limit once
+    framed; `requests[i]` the requests that it completes, `too_large` those left out. `payload(i)`
+    frames one message, copying its tensor bytes: framed one at a time as they are sent, only the
+    message on its way is held whole (a batch of large requests is tens of MB)."""
 
-    payloads: list[bytes]
+    headers: list[bytes]
+    bodies: list[list[Any]]
     requests: list[int]
     too_large: int
+
+    def payload(self, index: int) -> bytes:
+        """Message `index` framed for the capture stream (services.common.capture)."""
+        return capture.frame(self.headers[index], self.bodies[index])
+
+    @property
+    def payloads(self) -> list[bytes]:
+        """Every message framed."""
+        return [self.payload(index) for index in range(len(self.headers))]
 
 
 def capture_messages(rows: list[Captured], max_bytes: int) -> CaptureMessages:
@@ -603,13 +616,14 @@ def capture_messages(rows: list[Captured], max_bytes: int) -> CaptureMessages:
     first row. A request that cannot be split small enough is left out (`too_large`)."""
     head, tail = b'{"records":[', b"]}"
     room = max_bytes - len(head) - len(tail) - len(capture.HEADER_END)
-    messages = CaptureMessages([], [], 0)
+    messages = CaptureMessages([], [], [], 0)
     texts: list[str] = []
     body: list[Any] = []
     size = completed = 0
 
     def close() -> None:
-        messages.payloads.append(capture.frame(head + ",".join(texts).encode() + tail, body))
+        messages.headers.append(head + ",".join(texts).encode() + tail)
+        messages.bodies.append(body)
         messages.requests.append(completed)
 
     for run in _capture_runs(rows):

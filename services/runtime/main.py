@@ -9,8 +9,10 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from nats.js import JetStreamContext
 
 from services._proto.inference import open_inference_pb2, open_inference_pb2_grpc
 from services.client import RegistryClient
@@ -23,7 +25,7 @@ from services.runtime.settings import RuntimeSettings
 SERVICE_NAME = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 log = logging.getLogger(__name__)
 INLINE_CAPTURE_BYTES = 256 * 1024
-"""Tensor bytes of a capture batch encoded on the event loop (about a millisecond); more go to a thread."""
+"""Tensor bytes of a capture batch laid out on the event loop (about a millisecond); more go to a thread."""
 PUBLISH_TIMEOUT_SECONDS = 5.0
 """How long a capture message may wait for JetStream to store it before its requests count as dropped."""
 
@@ -170,12 +172,12 @@ async def publish_captures(settings: RuntimeSettings, capture: domain.CaptureQue
         await bus.ensure_stream(jetstream, config)
         # Headers and the subject share the server's payload limit with the rows.
         limit = connection.max_payload - 4096
-        send = functools.partial(jetstream.publish_async, subject)
         while True:
             batch = await capture.next_batch(settings.capture_flush_seconds)
-            # Small tensors (single rows above all) encode in well under a millisecond: on the loop,
-            # which spares a thread hop and the GIL's hand-over per batch; large ones take
-            # milliseconds, off the loop that serves requests.
+            # Small tensors (single rows above all) are laid out in well under a millisecond: on the
+            # loop, which spares a thread hop and the GIL's hand-over per batch; large ones (stacking
+            # copies them) off the loop that serves requests. Either way each message is framed (its
+            # tensor bytes copied) on the loop as it is sent, one at a time.
             if sum([row.bytes for row in batch]) <= INLINE_CAPTURE_BYTES:
                 messages = domain.capture_messages(batch, limit)
             else:
@@ -183,7 +185,8 @@ async def publish_captures(settings: RuntimeSettings, capture: domain.CaptureQue
             if messages.too_large:
                 capture.lost(messages.too_large)
                 log.warning("capture: %d requests dropped, too large for a NATS message", messages.too_large)
-            outcomes = await bus.publish_batch(messages.payloads, send, PUBLISH_TIMEOUT_SECONDS)
+            send = functools.partial(send_capture, jetstream, subject, messages)
+            outcomes = await bus.publish_batch(range(len(messages.requests)), send, PUBLISH_TIMEOUT_SECONDS)
             for requests, outcome in zip(messages.requests, outcomes, strict=True):
                 if outcome is None:
                     capture.sent(requests)
@@ -192,6 +195,17 @@ async def publish_captures(settings: RuntimeSettings, capture: domain.CaptureQue
                     log.warning("capture: %d requests dropped, NATS did not take them: %s", requests, outcome)
     finally:
         await connection.close()
+
+
+async def send_capture(
+    jetstream: JetStreamContext, subject: str, messages: domain.CaptureMessages, index: int
+) -> asyncio.Future[Any]:
+    """Frame capture message `index` and publish it; its ack is the future returned. Then let the
+    connection write it before the next is framed, so that one message at a time is held whole
+    (nats-py would join all that is pending into one buffer, a batch's worth)."""
+    ack = await jetstream.publish_async(subject, messages.payload(index))
+    await asyncio.sleep(0)
+    return ack
 
 
 def build_server(settings: RuntimeSettings) -> object:
