@@ -68,8 +68,8 @@ from services._proto.inference import open_inference_pb2_grpc as oip_grpc
 from services._proto.mlmesh.v1 import deployer_pb2
 from services.client import DeployerClient, RegistryClient
 from services.common import natsserver
-from services.common.memory import process_memory_mb
 from services.launcher import health_status
+from services.profiler.load import peak_memory_mb
 from services.runtime.settings import RuntimeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1111,9 +1111,7 @@ async def run_phase(servers: list[Server], load: Load, plan: Plan, workdir: Path
             results[server.name] = {"error": failed[server.name]}
         else:
             results[server.name] = summarise(measured[server.name], load.rows)
-            results[server.name]["peak_memory_mb"] = round(
-                sum(process_memory_mb(pid, "VmHWM") for pid in server.pids), 1
-            )
+            results[server.name]["peak_memory_mb"] = round(peak_memory_mb(server.pids), 1)
     return results
 
 
@@ -1315,7 +1313,7 @@ def judge(results: dict[str, Any], plan: Plan) -> dict[str, Any]:
     for name, (load_name, target, what) in INSTRUCTION_TARGETS.items():
         entry = counted.get(load_name)
         verdict = {"what": what, "target": f"ratio >= {target:g}", "unit": "instructions/call (callgrind)"}
-        if isinstance(entry, dict) and entry.get("answers_checked") and "runtime" in entry:
+        if entry and entry.get("answers_checked"):
             without = entry["runtime"]["instructions_per_call"]
             with_capture = entry["runtime_capture"]["instructions_per_call"]
             measured = ratio(without, with_capture)
