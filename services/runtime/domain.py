@@ -579,26 +579,37 @@ class CaptureQueue:
 
 
 @dataclass
-class CaptureMessages:
-    """A batch of captured requests laid out for NATS: message `i` is `headers[i]` and the parts
-    of its body `bodies[i]` (views of the requests' arrays, not copies), below the size limit once
-    framed; `requests[i]` the requests that it completes, `too_large` those left out. `payload(i)`
-    frames one message, copying its tensor bytes: framed one at a time as they are sent, only the
-    message on its way is held whole (a batch of large requests is tens of MB)."""
+class CaptureMessage:
+    """One capture message laid out: its header and the parts of its body (views of the requests'
+    arrays, not copies), below the size limit once framed; `requests` those it completes."""
 
-    headers: list[bytes]
-    bodies: list[list[Any]]
-    requests: list[int]
+    header: bytes
+    body: list[Any]
+    requests: int
+
+    def payload(self) -> bytes:
+        """The message framed for the capture stream (services.common.capture), its tensor bytes
+        copied: framed one at a time as they are sent, only the message on its way is held whole
+        (a batch of large requests is tens of MB)."""
+        return capture.frame(self.header, self.body)
+
+
+@dataclass
+class CaptureMessages:
+    """A batch of captured requests laid out for NATS, and `too_large`, the requests left out."""
+
+    messages: list[CaptureMessage]
     too_large: int
 
-    def payload(self, index: int) -> bytes:
-        """Message `index` framed for the capture stream (services.common.capture)."""
-        return capture.frame(self.headers[index], self.bodies[index])
+    @property
+    def requests(self) -> list[int]:
+        """The requests that each message completes."""
+        return [message.requests for message in self.messages]
 
     @property
     def payloads(self) -> list[bytes]:
         """Every message framed."""
-        return [self.payload(index) for index in range(len(self.headers))]
+        return [message.payload() for message in self.messages]
 
 
 def capture_messages(rows: list[Captured], max_bytes: int) -> CaptureMessages:
@@ -616,15 +627,13 @@ def capture_messages(rows: list[Captured], max_bytes: int) -> CaptureMessages:
     first row. A request that cannot be split small enough is left out (`too_large`)."""
     head, tail = b'{"records":[', b"]}"
     room = max_bytes - len(head) - len(tail) - len(capture.HEADER_END)
-    messages = CaptureMessages([], [], [], 0)
+    messages = CaptureMessages([], 0)
     texts: list[str] = []
     body: list[Any] = []
     size = completed = 0
 
     def close() -> None:
-        messages.headers.append(head + ",".join(texts).encode() + tail)
-        messages.bodies.append(body)
-        messages.requests.append(completed)
+        messages.messages.append(CaptureMessage(head + ",".join(texts).encode() + tail, body, completed))
 
     for run in _capture_runs(rows):
         records, left_out = _capture_records(run, room)

@@ -172,6 +172,7 @@ async def publish_captures(settings: RuntimeSettings, capture: domain.CaptureQue
         await bus.ensure_stream(jetstream, config)
         # Headers and the subject share the server's payload limit with the rows.
         limit = connection.max_payload - 4096
+        send = functools.partial(send_capture, jetstream, subject)
         while True:
             batch = await capture.next_batch(settings.capture_flush_seconds)
             # Small tensors (single rows above all) are laid out in well under a millisecond: on the
@@ -185,25 +186,24 @@ async def publish_captures(settings: RuntimeSettings, capture: domain.CaptureQue
             if messages.too_large:
                 capture.lost(messages.too_large)
                 log.warning("capture: %d requests dropped, too large for a NATS message", messages.too_large)
-            send = functools.partial(send_capture, jetstream, subject, messages)
-            outcomes = await bus.publish_batch(range(len(messages.requests)), send, PUBLISH_TIMEOUT_SECONDS)
-            for requests, outcome in zip(messages.requests, outcomes, strict=True):
+            outcomes = await bus.publish_batch(messages.messages, send, PUBLISH_TIMEOUT_SECONDS)
+            for message, outcome in zip(messages.messages, outcomes, strict=True):
                 if outcome is None:
-                    capture.sent(requests)
+                    capture.sent(message.requests)
                 else:
-                    capture.lost(requests)
-                    log.warning("capture: %d requests dropped, NATS did not take them: %s", requests, outcome)
+                    capture.lost(message.requests)
+                    log.warning("capture: %d requests dropped, NATS did not take them: %s", message.requests, outcome)
     finally:
         await connection.close()
 
 
 async def send_capture(
-    jetstream: JetStreamContext, subject: str, messages: domain.CaptureMessages, index: int
+    jetstream: JetStreamContext, subject: str, message: domain.CaptureMessage
 ) -> asyncio.Future[Any]:
-    """Frame capture message `index` and publish it; its ack is the future returned. Then let the
+    """Frame a capture message and publish it; its ack is the future returned. Then let the
     connection write it before the next is framed, so that one message at a time is held whole
     (nats-py would join all that is pending into one buffer, a batch's worth)."""
-    ack = await jetstream.publish_async(subject, messages.payload(index))
+    ack = await jetstream.publish_async(subject, message.payload())
     await asyncio.sleep(0)
     return ack
 
